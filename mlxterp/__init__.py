@@ -1,0 +1,22 @@
+"""mlxterp: mechanistic interpretability for MLX models."""
+
+from .errors import InputError, Interrupted, LayerIndexError, MlxterpError, TraceError, UnknownModuleError
+from .model import InterpretableModel
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "InterpretableModel", "MlxterpError", "UnknownModuleError", "LayerIndexError", "TraceError",
+    "InputError", "Interrupted", "get_activations", "batch_get_activations", "interventions", "__version__",
+]
+
+
+def __getattr__(name):
+    # analysis and interventions load on first use, so `import mlxterp` stays light
+    if name in ("get_activations", "batch_get_activations"):
+        from . import analysis
+        return getattr(analysis, name)
+    if name == "interventions":
+        from . import interventions
+        return interventions
+    raise AttributeError(f"module 'mlxterp' has no attribute {name!r}")

@@ -1,0 +1,362 @@
+"""Analyses built on traces: token predictions, the logit lens, activation patching.
+
+* ``get_token_predictions`` decodes a hidden state with the model's own final
+  norm and unembedding (``lm_head``, or the tied embedding; a quantized tied
+  embedding goes through ``QuantizedEmbedding.as_linear``).
+* ``logit_lens`` applies that decoding to every layer's output at every
+  position, from one forward pass.
+* ``activation_patching`` measures how much of the clean output a corrupted
+  run recovers when one layer's component (or one position of it) takes its
+  clean value. The clean prompt runs once; the patched runs go through
+  batched forward passes, one row per patched (layer, position).
+
+Recovery, in percent, for a distance metric ``d`` on the last position's logits::
+
+    recovery = 100 * (d(corrupted, clean) - d(patched, clean)) / d(corrupted, clean)
+
+100 % means patching that component restores the clean output; 0 % means no
+change; negative means it moves further away. With ``metric="logit_diff"`` and
+``answers=(clean_answer, corrupted_answer)`` it is the usual normalised logit
+difference ``100 * (LD(patched) - LD(corrupted)) / (LD(clean) - LD(corrupted))``
+with ``LD = logit[clean_answer] - logit[corrupted_answer]``.
+All metrics are computed in float32, so they stay finite on a 150k vocabulary.
+"""
+
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from .errors import InputError, MlxterpError
+from .interventions import replace_rows
+
+METRICS = ("l2", "mse", "cosine", "logit_diff")
+
+
+# -- decoding hidden states -----------------------------------------------------
+
+def unembed(model, hidden: mx.array) -> mx.array:
+    """Logits (float32) of hidden states ``(..., hidden)`` through the final norm and unembedding."""
+    modules = model.names.modules
+    norm_name = model.names.find("norm")
+    if norm_name is not None:
+        hidden = modules[norm_name](hidden)
+    head_name = model.names.find("lm_head")
+    if head_name is not None and isinstance(modules[head_name], nn.Module):
+        logits = modules[head_name](hidden)
+    else:
+        embed_name = model.names.find("embed")
+        embedding = modules.get(embed_name) if embed_name else None
+        if embedding is None or not hasattr(embedding, "as_linear"):
+            raise MlxterpError(
+                "cannot decode hidden states: the model has neither an lm_head nor a token embedding "
+                "with as_linear (is it a language model?)"
+            )
+        logits = embedding.as_linear(hidden)
+    logits = logits.astype(mx.float32)
+    softcap = _final_softcap(model)
+    if softcap:
+        logits = mx.tanh(logits / softcap) * softcap
+    return logits
+
+
+def get_token_predictions(model, hidden, top_k: int = 10, return_scores: bool = False):
+    """Top-``top_k`` token ids predicted from a hidden state ``(hidden,)``.
+
+    With ``return_scores=True`` each item is ``(token_id, logit)``. A batch of
+    hidden states ``(n, hidden)`` gives one such list per row.
+    """
+    hidden = mx.array(hidden)
+    if hidden.shape[-1] != model.hidden_size:
+        raise InputError(
+            f"get_token_predictions takes hidden states of size {model.hidden_size} "
+            f"(shape ({model.hidden_size},) or (n, {model.hidden_size})); got shape {tuple(hidden.shape)}"
+        )
+    top_k = _positive_int(top_k, "top_k")
+    flat = hidden.reshape(-1, hidden.shape[-1])
+    ids, scores = _top_k(unembed(model, flat), top_k)
+    rows = [list(zip(i, s)) if return_scores else i for i, s in zip(ids.tolist(), scores.tolist())]
+    return rows[0] if hidden.ndim == 1 else rows
+
+
+def _top_k(logits: mx.array, k: int) -> Tuple[mx.array, mx.array]:
+    k = min(k, logits.shape[-1])
+    ids = mx.argpartition(-logits, kth=k - 1, axis=-1)[..., :k]
+    scores = mx.take_along_axis(logits, ids, axis=-1)
+    order = mx.argsort(-scores, axis=-1)
+    ids = mx.take_along_axis(ids, order, axis=-1)
+    scores = mx.take_along_axis(scores, order, axis=-1)
+    mx.eval(ids, scores)
+    return ids, scores
+
+
+# -- logit lens -------------------------------------------------------------------
+
+def logit_lens(model, text, layers: Optional[Iterable[int]] = None, top_k: int = 1,
+               position: Optional[int] = None, plot: bool = False, max_display_tokens: int = 15,
+               figsize=(16, 10), cmap: str = "viridis", save_path: Optional[str] = None):
+    """What each layer's output predicts as the next token, at every position of ``text``.
+
+    Returns ``{layer: [[(token_id, logit, token_str), ...] per position]}`` (``top_k``
+    items per position), or with ``position`` given ``{layer: [(token_id, logit, token_str), ...]}``.
+    ``plot=True`` also draws the heatmap (layers x last ``max_display_tokens``
+    positions) into a PNG and prints its path.
+    """
+    if not isinstance(text, str):
+        raise InputError(f"logit_lens takes one prompt string, got {type(text).__name__}")
+    layers = layer_list(model, layers)
+    top_k = _positive_int(top_k, "top_k")
+    tokens = model.encode(text)
+    if position is not None:
+        position = _check_position(position, len(tokens))
+
+    names = [model.names.layer_names[layer] for layer in layers]
+    with model.trace(text, capture=names) as tr:
+        hidden = {layer: tr.save(name) for layer, name in zip(layers, names)}
+
+    results = {}
+    for layer in layers:
+        states = hidden[layer][0]
+        if position is not None:
+            states = states[position:position + 1]
+        ids, scores = _top_k(unembed(model, states), top_k)
+        per_position = [
+            [(token_id, score, model.token_to_str(token_id)) for token_id, score in zip(row_ids, row_scores)]
+            for row_ids, row_scores in zip(ids.tolist(), scores.tolist())
+        ]
+        results[layer] = per_position[0] if position is not None else per_position
+
+    if plot:
+        from .plots import plot_logit_lens
+
+        grid = results if position is None else {layer: [preds] for layer, preds in results.items()}
+        shown_tokens = tokens if position is None else [tokens[position]]
+        path = plot_logit_lens(grid, [model.token_to_str(t) for t in shown_tokens],
+                               max_display_tokens=max_display_tokens, figsize=figsize, cmap=cmap,
+                               save_path=save_path)
+        print(f"Saved the logit lens heatmap to {path}")
+    return results
+
+
+# -- activation patching ------------------------------------------------------------
+
+def activation_patching(model, clean_text, corrupted_text, component: Optional[str] = "mlp",
+                        layers: Optional[Iterable[int]] = None, metric: str = "l2",
+                        positions: Union[None, str, Sequence[int]] = None,
+                        answers: Optional[Sequence] = None, batch_size: int = 16,
+                        plot: bool = False, save_path: Optional[str] = None):
+    """Patch each layer's ``component`` from the clean run into the corrupted run.
+
+    ``component``: ``"mlp"``, ``"attn"``/``"self_attn"``, a sub-module such as
+    ``"mlp.gate_proj"`` or ``"self_attn.q_proj"``, or ``None``/``"layer"`` for
+    the whole layer output. ``metric``: ``"l2"``, ``"mse"``, ``"cosine"``
+    (distances between last-position logits) or ``"logit_diff"`` with
+    ``answers=(clean_answer, corrupted_answer)`` (token ids or single-token strings).
+
+    Returns ``{layer: recovery %}``; with ``positions`` (a list of positions,
+    or ``"all"``) each position is patched on its own and the result is
+    ``{layer: {position: recovery %}}``. The clean prompt runs once; the
+    patched runs go ``batch_size`` rows per forward pass.
+    """
+    if metric not in METRICS:
+        raise InputError(f"unknown metric {metric!r}; choose one of {', '.join(METRICS)}")
+    if metric == "logit_diff" and answers is None:
+        raise InputError('metric="logit_diff" needs answers=(clean_answer, corrupted_answer), e.g. (" Paris", " London")')
+    layers = layer_list(model, layers)
+    batch_size = _positive_int(batch_size, "batch_size")
+    clean_tokens, corrupted_tokens = _token_ids(model, clean_text), _token_ids(model, corrupted_text)
+    if len(clean_tokens) != len(corrupted_tokens):
+        raise InputError(
+            f"the clean and corrupted prompts must have the same number of tokens to patch position by position; "
+            f"got {len(clean_tokens)} and {len(corrupted_tokens)}"
+        )
+    length = len(clean_tokens)
+    names = {layer: component_name(model, layer, component) for layer in layers}
+    by_position = positions is not None
+    if positions is None:
+        position_list = [None]
+    elif positions == "all":
+        position_list = list(range(length))
+    else:
+        position_list = [_check_position(p, length) for p in _as_list(positions)]
+
+    # The clean run, once: every patched activation and the clean logits.
+    with model.trace([clean_tokens], capture=list(names.values())) as tr:
+        clean = {layer: tr.save(names[layer]) for layer in layers}
+        clean_logits = model.output.save()
+    clean_last = clean_logits[0, -1].astype(mx.float32)
+
+    # Row 0 of the first batch is the unpatched corrupted run.
+    jobs = [(layer, position) for layer in layers for position in position_list]
+    rows_logits = []
+    corrupted_ids = mx.array([corrupted_tokens])
+    pending = [None] + jobs
+    for start in range(0, len(pending), batch_size):
+        chunk = pending[start:start + batch_size]
+        rows_logits.append(_patched_last_logits(model, corrupted_ids, chunk, names, clean))
+    last = mx.concatenate(rows_logits, axis=0)
+    corrupted_last, patched_last = last[0], last[1:]
+
+    scores = _recovery(metric, clean_last, corrupted_last, patched_last,
+                       _answer_ids(model, answers) if metric == "logit_diff" else None)
+    results = {}
+    for (layer, position), value in zip(jobs, scores.tolist()):
+        if by_position:
+            results.setdefault(layer, {})[position] = value
+        else:
+            results[layer] = value
+
+    if plot:
+        from .plots import plot_patching
+
+        label = component or "layer"
+        path = plot_patching(results, title=f"Activation patching: {label} ({metric})",
+                             position_labels=[model.token_to_str(t) for t in corrupted_tokens],
+                             save_path=save_path)
+        print(f"Saved the patching plot to {path}")
+    return results
+
+
+def _patched_last_logits(model, corrupted_ids, chunk, names, clean) -> mx.array:
+    """Last-position logits of one batch: row i is the corrupted run with chunk[i] patched."""
+    rows_by_name: Dict[str, List[Tuple[int, Optional[int], int]]] = {}
+    for row, job in enumerate(chunk):
+        if job is None:
+            continue
+        layer, position = job
+        rows_by_name.setdefault(names[layer], []).append((row, position, layer))
+    interventions = {}
+    for name, entries in rows_by_name.items():
+        layer = entries[0][2]
+        interventions[name] = replace_rows(clean[layer], [r for r, _, _ in entries], [p for _, p, _ in entries])
+    batch = mx.repeat(corrupted_ids, len(chunk), axis=0)
+    with model.trace(batch, interventions=interventions, capture=[]) as tr:
+        logits = model.output.save()
+    return logits[:, -1].astype(mx.float32)
+
+
+def _recovery(metric, clean, corrupted, patched, answers) -> mx.array:
+    if metric == "logit_diff":
+        a, b = answers
+
+        def diff(logits):
+            return logits[..., a] - logits[..., b]
+
+        baseline = diff(clean) - diff(corrupted)
+        if abs(baseline.item()) < 1e-12:
+            raise MlxterpError(
+                "the logit difference is the same on the clean and corrupted prompts, so recovery is undefined; "
+                "pick answers the two prompts disagree on"
+            )
+        return 100.0 * (diff(patched) - diff(corrupted)) / baseline
+    base = distance(metric, corrupted, clean)
+    if base.item() <= 0:
+        raise MlxterpError(
+            "the clean and corrupted prompts give the same output, so recovery is undefined; "
+            "use prompts that differ"
+        )
+    return 100.0 * (base - distance(metric, patched, clean)) / base
+
+
+def distance(metric: str, a: mx.array, b: mx.array) -> mx.array:
+    """Distance between logits along the last axis, in float32: l2, mse or cosine (1 - cos)."""
+    a, b = a.astype(mx.float32), b.astype(mx.float32)
+    if metric == "l2":
+        # Scale before squaring so huge logits cannot overflow.
+        difference = a - b
+        peak = mx.maximum(mx.max(mx.abs(difference), axis=-1, keepdims=True), 1e-30)
+        return peak[..., 0] * mx.sqrt(mx.sum(mx.square(difference / peak), axis=-1))
+    if metric == "mse":
+        return mx.mean(mx.square(a - b), axis=-1)
+    if metric == "cosine":
+        a = a / mx.maximum(mx.linalg.norm(a, axis=-1, keepdims=True), 1e-30)
+        b = b / mx.maximum(mx.linalg.norm(b, axis=-1, keepdims=True), 1e-30)
+        return 1.0 - mx.sum(a * b, axis=-1)
+    raise InputError(f"unknown metric {metric!r}; choose one of l2, mse, cosine")
+
+
+def component_name(model, layer: int, component: Optional[str]) -> str:
+    """Full name of ``component`` in ``layer`` (``None``/``"layer"`` = the layer itself)."""
+    if component in (None, "", "layer", "output", "residual"):
+        return model.names.layer_names[layer]
+    if not isinstance(component, str):
+        raise InputError(f"component must be a name like 'mlp', 'attn' or 'mlp.gate_proj', got {component!r}")
+    return model.resolve(f"layers.{layer}.{component}")
+
+
+def _answer_ids(model, answers) -> Tuple[int, int]:
+    if len(answers) != 2:
+        raise InputError("answers is a pair (clean_answer, corrupted_answer)")
+    ids = []
+    for answer in answers:
+        if isinstance(answer, str):
+            tokens = model.encode(answer)
+            bos = getattr(model.tokenizer, "bos_token_id", None)
+            if tokens and bos is not None and tokens[0] == bos:
+                tokens = tokens[1:]
+            if len(tokens) != 1:
+                raise InputError(f"answer {answer!r} is {len(tokens)} tokens; give a single-token string or a token id")
+            ids.append(tokens[0])
+        else:
+            ids.append(int(answer))
+    return tuple(ids)
+
+
+# -- small helpers ------------------------------------------------------------------
+
+def layer_list(model, layers) -> List[int]:
+    """Layer indices (negative ones counted from the end) checked through the resolver."""
+    if layers is None:
+        return list(range(model.n_layers))
+    if isinstance(layers, int):
+        layers = [layers]
+    result = []
+    for layer in layers:
+        if isinstance(layer, bool) or not isinstance(layer, int):
+            raise InputError(f"layers are given as integers, got {layer!r}")
+        full = model.resolve(f"layers.{layer}")  # LayerIndexError for an index out of range
+        result.append(model.names.layer_index(full))
+    return result
+
+
+def _token_ids(model, text) -> List[int]:
+    if isinstance(text, str):
+        return model.encode(text)
+    if isinstance(text, mx.array):
+        text = text.reshape(-1).tolist()
+    return [int(t) for t in text]
+
+
+def _check_position(position, length: int) -> int:
+    if isinstance(position, bool) or not isinstance(position, int):
+        raise InputError(f"a position is an integer, got {position!r}")
+    if not -length <= position < length:
+        raise InputError(f"position {position} is outside the prompt's {length} tokens (0..{length - 1} or -{length}..-1)")
+    return position % length
+
+
+def _positive_int(value, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise InputError(f"{what} must be a positive integer, got {value!r}")
+    return value
+
+
+def _as_list(value) -> list:
+    return [value] if isinstance(value, int) else list(value)
+
+
+def _final_softcap(model) -> Optional[float]:
+    base = model.model
+    for owner in (base, getattr(base, "args", None)):
+        value = getattr(owner, "final_logit_softcapping", None)
+        if value:
+            return float(value)
+    return None
+
+
+def __getattr__(name):
+    # Collection lives in mlxterp.collect; these names are also reachable from here.
+    if name in ("get_activations", "batch_get_activations", "load_activations", "iter_activation_shards"):
+        from . import collect
+        return getattr(collect, name)
+    raise AttributeError(f"module 'mlxterp.analysis' has no attribute {name!r}")

@@ -1,0 +1,196 @@
+"""Interventions: plain functions ``array -> array`` applied to a module's output.
+
+A trace takes ``interventions={name: fn}``; any callable that maps an
+``mx.array`` to an ``mx.array`` of the same shape works. The names here are
+factories of such functions for the common cases::
+
+    from mlxterp import interventions as iv
+
+    iv.zero_out                  # a function itself
+    iv.scale(0.5)                # factories return a function
+    iv.clamp(-1.0, 1.0)
+    iv.noise(std=0.1, seed=0)
+    iv.add_vector(steering_vector)
+    iv.replace_with(clean_activation)
+    iv.compose().add(iv.scale(0.8)).add(iv.clamp(-3, 3)).build()
+
+``replace_rows`` is the batched form of ``replace_with`` the patching sweep
+uses: it replaces only some rows (and optionally some positions) of a batch.
+"""
+
+from typing import Callable, Iterable, Optional, Sequence
+
+import mlx.core as mx
+
+from .errors import MlxterpError
+
+Intervention = Callable[[mx.array], mx.array]
+
+
+def zero_out(activation: mx.array) -> mx.array:
+    """Replace the activation with zeros."""
+    return mx.zeros_like(activation)
+
+
+def scale(factor: float) -> Intervention:
+    """Multiply the activation by ``factor`` (``scale(1.0)`` changes nothing)."""
+    factor = _number(factor, "scale factor")
+
+    def scaled(activation: mx.array) -> mx.array:
+        return activation * factor
+
+    scaled.__name__ = f"scale({factor})"
+    return scaled
+
+
+def clamp(lo: Optional[float] = None, hi: Optional[float] = None) -> Intervention:
+    """Clip the activation to ``[lo, hi]`` (either bound may be ``None``)."""
+    if lo is None and hi is None:
+        raise MlxterpError("clamp needs at least one bound: clamp(lo, hi), clamp(lo=None, hi=1.0)")
+    lo = None if lo is None else _number(lo, "clamp lower bound")
+    hi = None if hi is None else _number(hi, "clamp upper bound")
+    if lo is not None and hi is not None and lo > hi:
+        raise MlxterpError(f"clamp lower bound {lo} is above the upper bound {hi}")
+
+    def clamped(activation: mx.array) -> mx.array:
+        return mx.clip(activation, lo, hi)
+
+    clamped.__name__ = f"clamp({lo}, {hi})"
+    return clamped
+
+
+def noise(std: float = 0.1, seed: Optional[int] = None) -> Intervention:
+    """Add Gaussian noise of standard deviation ``std``.
+
+    With ``seed`` the noise is the same on every call (for the same shape),
+    so a noisy run can be repeated exactly; without it, MLX's global random
+    state is used (``mx.random.seed`` makes that reproducible too).
+    """
+    std = _number(std, "noise std")
+    if std < 0:
+        raise MlxterpError(f"noise std must be >= 0, got {std}")
+
+    def noisy(activation: mx.array) -> mx.array:
+        key = None if seed is None else mx.random.key(seed)
+        sample = mx.random.normal(activation.shape, key=key)
+        return activation + (std * sample).astype(activation.dtype)
+
+    noisy.__name__ = f"noise(std={std})"
+    return noisy
+
+
+def add_vector(vector) -> Intervention:
+    """Add ``vector`` (a steering vector, shape ``(hidden,)`` or broadcastable) to the activation."""
+    vector = mx.array(vector)
+
+    def steered(activation: mx.array) -> mx.array:
+        if vector.ndim and vector.shape[-1] != activation.shape[-1]:
+            raise MlxterpError(
+                f"add_vector: the vector has size {vector.shape[-1]} but the activation's last "
+                f"dimension is {activation.shape[-1]} (activation shape {tuple(activation.shape)}); "
+                f"use a vector of shape ({activation.shape[-1]},)"
+            )
+        return activation + vector.astype(activation.dtype)
+
+    steered.__name__ = "add_vector"
+    return steered
+
+
+def replace_with(replacement) -> Intervention:
+    """Replace the activation with ``replacement`` (e.g. the same module's output on a clean prompt)."""
+    replacement = mx.array(replacement)
+
+    def replaced(activation: mx.array) -> mx.array:
+        return _broadcast_like(replacement, activation, "replace_with")
+
+    replaced.__name__ = "replace_with"
+    return replaced
+
+
+def replace_rows(replacement: mx.array, rows: Sequence[int],
+                 positions: Optional[Sequence[Optional[int]]] = None) -> Intervention:
+    """Replace rows ``rows`` of a batched activation with ``replacement``.
+
+    ``replacement`` has the shape of one row (``(1, L, ...)`` or ``(L, ...)``).
+    ``positions[i]`` (if given and not ``None``) limits the replacement of
+    ``rows[i]`` to that one sequence position. Rows not listed are untouched,
+    which is what lets a patching sweep patch a different layer in each row
+    of one batched forward pass.
+    """
+    rows = [int(r) for r in rows]
+    positions = [None] * len(rows) if positions is None else list(positions)
+    if len(positions) != len(rows):
+        raise MlxterpError("replace_rows: give one position (or None) per row")
+    replacement = mx.array(replacement)
+
+    def patched(activation: mx.array) -> mx.array:
+        batch = activation.shape[0]
+        one_row = replacement if replacement.ndim == activation.ndim else replacement[None]
+        one_row = _broadcast_like(one_row, activation[:1], "replace_rows")
+        row_ids = mx.arange(batch)[:, None]
+        position_ids = mx.arange(activation.shape[1])[None, :]
+        where = mx.zeros((batch, activation.shape[1]), dtype=mx.bool_)
+        for row, position in zip(rows, positions):
+            if not -batch <= row < batch:
+                raise MlxterpError(f"replace_rows: row {row} is outside a batch of {batch}")
+            hit = row_ids == (row % batch)
+            if position is not None:
+                hit = hit & (position_ids == (position % activation.shape[1]))
+            where = where | hit
+        where = where.reshape(batch, activation.shape[1], *([1] * (activation.ndim - 2)))
+        return mx.where(where, one_row, activation)
+
+    patched.__name__ = "replace_rows"
+    return patched
+
+
+class Compose:
+    """Builder chaining interventions: ``compose().add(f).add(g).build()`` applies f, then g."""
+
+    def __init__(self, steps: Iterable[Intervention] = ()):
+        self.steps = []
+        for step in steps:
+            self.add(step)
+
+    def add(self, step: Intervention) -> "Compose":
+        if not callable(step):
+            raise MlxterpError(
+                f"compose().add() takes an intervention function (array -> array), got {type(step).__name__}"
+            )
+        self.steps.append(step)
+        return self
+
+    def build(self) -> Intervention:
+        steps = tuple(self.steps)
+
+        def composed(activation: mx.array) -> mx.array:
+            for step in steps:
+                activation = step(activation)
+            return activation
+
+        composed.__name__ = " -> ".join(getattr(s, "__name__", "fn") for s in steps) or "identity"
+        return composed
+
+
+def compose(*steps: Intervention) -> Compose:
+    """Start a chain of interventions (optionally with its first steps)."""
+    return Compose(steps)
+
+
+def _number(value, what: str) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise MlxterpError(f"{what} must be a number, got {value!r}") from None
+
+
+def _broadcast_like(replacement: mx.array, activation: mx.array, who: str) -> mx.array:
+    if replacement.shape == activation.shape:
+        return replacement.astype(activation.dtype)
+    try:
+        return mx.broadcast_to(replacement, activation.shape).astype(activation.dtype)
+    except ValueError:
+        raise MlxterpError(
+            f"{who}: the replacement has shape {tuple(replacement.shape)} but the activation has shape "
+            f"{tuple(activation.shape)}; patch between prompts with the same number of tokens"
+        ) from None

@@ -1,0 +1,254 @@
+"""InterpretableModel: any MLX model, with names a person can type and traces of its activations."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+
+from . import loading
+from .errors import LayerIndexError, TraceError, UnknownModuleError
+from .naming import OUTPUT, ModuleNames
+from .tokens import TokenizerHelpers
+from .trace import Trace
+
+
+class InterpretableModel(TokenizerHelpers):
+    """Wrap an ``nn.Module``, ``"demo"``, a local mlx-lm directory or a hub id for tracing.
+
+    >>> model = InterpretableModel("demo")
+    >>> with model.trace("The capital of France is"):
+    ...     hidden = model.layers[8].output.save()
+    """
+
+    def __init__(self, model_or_path, tokenizer=None, layer_attr: str = "layers"):
+        if isinstance(model_or_path, nn.Module):
+            self.model = model_or_path
+            self.source = type(model_or_path).__name__
+        elif isinstance(model_or_path, str):
+            self.model, loaded_tokenizer, self.source = loading.load(model_or_path)
+            tokenizer = tokenizer or loaded_tokenizer
+        else:
+            raise TypeError(
+                f"InterpretableModel takes an mlx.nn.Module, 'demo', a model directory or a hub id; "
+                f"got {type(model_or_path).__name__}"
+            )
+        self.tokenizer = tokenizer
+        self.names = ModuleNames(self.model, layer_attr)
+        self.layers = LayerList(self)
+        self.forward_count = 0
+        self._active_trace: Trace | None = None
+
+    # -- structure -------------------------------------------------------------
+    @property
+    def n_layers(self) -> int:
+        return self.names.n_layers
+
+    @property
+    def hidden_size(self) -> int | None:
+        args = getattr(self.model, "args", None)
+        for attr in ("hidden_size", "n_embd", "d_model", "dim"):
+            if hasattr(args, attr):
+                return int(getattr(args, attr))
+        embed = self.names.find("embed")
+        if embed:
+            weight = self.names.modules[embed].get("weight")
+            return int(weight.shape[-1]) if weight is not None and weight.ndim == 2 else None
+        return None
+
+    @property
+    def embedding_rows(self) -> int | None:
+        """Rows of the input embedding (the valid token ids), or None for non-language models."""
+        embed = self.names.find("embed")
+        if embed is None:
+            return None
+        module = self.names.modules[embed]
+        if isinstance(module, (nn.Embedding, nn.QuantizedEmbedding)):
+            return int(module["weight"].shape[0])
+        return None
+
+    def resolve(self, name: str) -> str:
+        """Full name for any module name: full, short (``layers.6.mlp``), alias (``attn``)."""
+        return self.names.resolve(name)
+
+    def expand(self, pattern: str) -> list[str]:
+        """Full names for a pattern (``layers.*.mlp``, ``layers.0..5``, ``layers.[1,3].attn``)."""
+        return self.names.expand(pattern)
+
+    def short_name(self, full_name: str) -> str:
+        return self.names.short(full_name)
+
+    def module(self, name: str) -> nn.Module:
+        full = self.resolve(name)
+        if full == OUTPUT:
+            raise UnknownModuleError(name, [], "'output' is the logits, not a module")
+        return self.names.modules[full]
+
+    def named_modules(self) -> list[tuple[str, nn.Module]]:
+        return list(self.names.modules.items())
+
+    def parameters(self) -> dict[str, mx.array]:
+        """The model's real parameter arrays, flat, by dotted name."""
+        return dict(tree_flatten(self.model.parameters()))
+
+    def module_info(self) -> list[dict]:
+        """Every module as plain data: short and full name, type, parameter count, children."""
+        info = []
+        for full, module in self.names.modules.items():
+            children = [n for n in self.names.modules if n.startswith(full + ".") and "." not in n[len(full) + 1:]]
+            info.append({
+                "name": self.short_name(full),
+                "full_name": full,
+                "type": type(module).__name__,
+                "params": sum(v.size for _, v in tree_flatten(module.parameters())),
+                "layer": self.names.layer_index(full),
+                "children": [self.short_name(c) for c in children],
+            })
+        return info
+
+    # -- tracing ---------------------------------------------------------------
+    def trace(self, inputs, interventions=None, capture=None, should_stop=None) -> Trace:
+        """Run one forward pass; inside the block read ``.output.save()`` of any module."""
+        return Trace(self, inputs, interventions=interventions, capture=capture, should_stop=should_stop)
+
+    @property
+    def output(self) -> "ValueProxy":
+        """The model's output (logits for a language model) in the active trace."""
+        return ValueProxy(self, OUTPUT, "output")
+
+    def active_trace(self) -> Trace:
+        if self._active_trace is None:
+            raise TraceError(
+                ".save() and .output read the active trace: use them inside `with model.trace(inputs):`"
+            )
+        return self._active_trace
+
+    def __call__(self, *args, **kwargs):
+        return self.model(*args, **kwargs)
+
+    # -- analysis (mlxterp.analysis) ---------------------------------------------
+    def get_token_predictions(self, hidden, top_k: int = 10, return_scores: bool = False):
+        from . import analysis
+        return analysis.get_token_predictions(self, hidden, top_k=top_k, return_scores=return_scores)
+
+    def logit_lens(self, text, layers=None, top_k: int = 1, position=None, plot: bool = False, **plot_options):
+        from . import analysis
+        return analysis.logit_lens(self, text, layers=layers, top_k=top_k, position=position, plot=plot, **plot_options)
+
+    def activation_patching(self, clean_text, corrupted_text, component: str = "mlp", layers=None,
+                            metric: str = "l2", plot: bool = False, **options):
+        from . import analysis
+        return analysis.activation_patching(self, clean_text, corrupted_text, component=component, layers=layers,
+                                            metric=metric, plot=plot, **options)
+
+    def get_attention_patterns(self, text, layers=None):
+        from . import attention
+        return attention.get_attention_patterns(self, text, layers=layers)
+
+    def __repr__(self) -> str:
+        n_params = sum(p.size for p in self.parameters().values())
+        hidden = self.hidden_size
+        return (
+            f"InterpretableModel({self.source}: {type(self.model).__name__}, {self.n_layers} layers"
+            + (f", hidden {hidden}" if hidden else "")
+            + f", {n_params:,} parameters"
+            + (f", layers at {self.names.layers_prefix}" if self.names.layers_prefix else "")
+            + ")"
+        )
+
+
+class LayerList:
+    """``model.layers``: indexable, iterable proxies of the transformer blocks."""
+
+    def __init__(self, model: InterpretableModel):
+        self._model = model
+
+    def __len__(self) -> int:
+        return self._model.n_layers
+
+    def __getitem__(self, index):
+        n = len(self)
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(n))]
+        if not isinstance(index, int):
+            raise TypeError(f"layers are indexed by int or slice, not {type(index).__name__}")
+        if not -n <= index < n:
+            raise LayerIndexError(index, n)
+        return ModuleProxy(self._model, self._model.names.layer_names[index % n])
+
+    def __iter__(self):
+        return (self[i] for i in range(len(self)))
+
+    def __repr__(self) -> str:
+        return f"<{len(self)} layers at {self._model.names.layers_prefix}>"
+
+
+class ModuleProxy:
+    """A module by name: ``.output``, ``.input``, sub-modules (``.attn``, ``.mlp.gate_proj``)."""
+
+    __slots__ = ("_model", "_name")
+
+    def __init__(self, model: InterpretableModel, full_name: str):
+        self._model = model
+        self._name = full_name
+
+    @property
+    def output(self) -> "ValueProxy":
+        return ValueProxy(self._model, self._name, "output")
+
+    @property
+    def input(self) -> "ValueProxy":
+        return ValueProxy(self._model, self._name, "input")
+
+    @property
+    def module(self) -> nn.Module:
+        return self._model.names.modules[self._name]
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    def __getattr__(self, attr: str):
+        if attr.startswith("__"):
+            raise AttributeError(attr)
+        try:
+            return ModuleProxy(self._model, self._model.resolve(f"{self._name}.{attr}"))
+        except UnknownModuleError as exc:
+            module = self._model.names.modules[self._name]
+            if attr in module or hasattr(module, attr):
+                return getattr(module, attr)
+            raise AttributeError(f"{self._model.short_name(self._name)} has no sub-module or attribute {attr!r}: {exc}") from None
+
+    def __getitem__(self, index):
+        return ModuleProxy(self._model, self._model.resolve(f"{self._name}.{index}"))
+
+    def __call__(self, *args, **kwargs):
+        return self.module(*args, **kwargs)
+
+    def __repr__(self) -> str:
+        return f"<{self._model.short_name(self._name)}: {type(self.module).__name__}>"
+
+
+class ValueProxy:
+    """The output (or input) of one module in the active trace."""
+
+    __slots__ = ("_model", "_name", "_what")
+
+    def __init__(self, model, full_name, what):
+        self._model, self._name, self._what = model, full_name, what
+
+    def save(self) -> mx.array:
+        """Keep this value after the block; returns it (an evaluated mx.array once the block ends)."""
+        if self._model._active_trace is None:
+            raise TraceError(
+                f"{self._model.short_name(self._name)}.{self._what}.save() must be called inside "
+                "`with model.trace(inputs):` — outside a trace there is no activation to save"
+            )
+        return self._model._active_trace.save(self._name, self._what)
+
+    @property
+    def value(self) -> mx.array:
+        return self.save()
+
+    def __repr__(self) -> str:
+        return f"<{self._what} of {self._model.short_name(self._name)}>"

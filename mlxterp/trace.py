@@ -1,0 +1,374 @@
+"""Tracing: run the model once, recording (and optionally changing) module outputs.
+
+The model's forward pass is not rewritten. For the length of one forward pass
+each recorded module's class is swapped for a subclass whose ``__call__``
+hands the call to the active ``Recorder``; afterwards the original classes are
+put back, so the model outside a forward pass is exactly the model the user
+gave us (same tree, same parameters, same types).
+
+MLX is lazy: recording keeps references to the lazy outputs, and only what
+the user saves is evaluated when the block ends. Everything else is released.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import numpy as np
+
+from .errors import InputError, Interrupted, TraceError
+from .naming import OUTPUT
+
+_active_recorder = None
+_traced_classes: dict[type, type] = {}
+
+
+def traced_class(cls: type) -> type:
+    """The subclass of ``cls`` whose calls go through the active recorder (cached)."""
+    sub = _traced_classes.get(cls)
+    if sub is None:
+        original = cls.__call__
+
+        def __call__(self, *args, **kwargs):
+            recorder = _active_recorder
+            if recorder is None:
+                return original(self, *args, **kwargs)
+            return recorder.call(self, original, args, kwargs)
+
+        sub = type(cls.__name__, (cls,), {
+            "__call__": __call__, "__module__": cls.__module__, "__qualname__": cls.__qualname__,
+        })
+        _traced_classes[cls] = sub
+        _traced_classes[sub] = sub
+    return sub
+
+
+def _first_array(value):
+    if isinstance(value, (tuple, list)) and value and isinstance(value[0], mx.array):
+        return value[0]
+    return value
+
+
+def _replace_first(value, new):
+    if isinstance(value, tuple):
+        return (new,) + value[1:]
+    if isinstance(value, list):
+        return [new] + value[1:]
+    return new
+
+
+class Recorder:
+    """Records outputs (and inputs) of named modules during one forward pass."""
+
+    def __init__(self, names_by_id, interventions, should_stop=None, eval_at=()):
+        self.names_by_id = names_by_id
+        self.interventions = interventions
+        self.should_stop = should_stop
+        self.eval_at = set(eval_at)
+        self.outputs: dict[str, mx.array] = {}
+        self.inputs: dict[str, mx.array] = {}
+
+    def call(self, module, original, args, kwargs):
+        name = self.names_by_id.get(id(module))
+        if name is None:
+            return original(module, *args, **kwargs)
+        if self.should_stop is not None and self.should_stop():
+            raise Interrupted(f"stopped before {name}")
+        if args:
+            self.inputs[name] = args[0]
+        out = original(module, *args, **kwargs)
+        change = self.interventions.get(name)
+        if change is not None:
+            out = _replace_first(out, _apply(change, _first_array(out), name))
+        self.outputs[name] = _first_array(out)
+        if name in self.eval_at:
+            mx.eval(self.outputs[name])  # so an interrupt lands between layers, not after the whole graph
+        return out
+
+
+def _apply(change, activation, name):
+    result = change(activation)
+    if not isinstance(result, mx.array):
+        raise TraceError(
+            f"the intervention on {name} returned {type(result).__name__}; "
+            "an intervention is a function taking and returning an mx.array"
+        )
+    return result
+
+
+def run_forward(model, call, modules_to_record, interventions, should_stop=None, eval_at=()):
+    """Call ``call()`` with the given modules recorded; returns (output, recorder)."""
+    global _active_recorder
+    if _active_recorder is not None:
+        raise TraceError("a forward pass is already being traced; traces cannot run inside one another's forward pass")
+    names_by_id = {id(module): name for name, module in modules_to_record}
+    recorder = Recorder(names_by_id, interventions, should_stop, eval_at)
+    originals = []
+    try:
+        for _, module in modules_to_record:
+            cls = type(module)
+            if _traced_classes.get(cls) is not cls:
+                originals.append((module, cls))
+                module.__class__ = traced_class(cls)
+        _active_recorder = recorder
+        output = call()
+    finally:
+        _active_recorder = None
+        for module, cls in originals:
+            module.__class__ = cls
+    model.forward_count += 1
+    return output, recorder
+
+
+class Activations(dict):
+    """Module outputs keyed by full name; any name form works for lookups."""
+
+    def __init__(self, trace, values):
+        super().__init__(values)
+        self._trace = trace
+
+    def __getitem__(self, name):
+        full = self._trace.model.resolve(name)
+        if not dict.__contains__(self, full):
+            raise TraceError(self._trace._not_captured(full))
+        self._trace._saved.add(full)
+        return dict.__getitem__(self, full)
+
+    def __contains__(self, name):
+        try:
+            return dict.__contains__(self, self._trace.model.resolve(name))
+        except Exception:
+            return False
+
+    def get(self, name, default=None):
+        return self[name] if name in self else default
+
+
+class Trace:
+    """``with model.trace(inputs) as trace:`` — one forward pass, its activations, and what was saved."""
+
+    def __init__(self, model, inputs, interventions=None, capture=None, should_stop=None):
+        self.model = model
+        self.inputs = inputs
+        self.interventions = dict(interventions or {})
+        self.capture = capture
+        self.should_stop = should_stop
+        self.tokens: list[list[int]] | None = None
+        self.padding: list[int] = []
+        self.activations: Activations = Activations(self, {})
+        self.inputs_by_module: dict[str, mx.array] = {}
+        self._saved: set[str] = set()
+        self._previous = None
+
+    # -- the block -----------------------------------------------------------
+    def __enter__(self):
+        self.run()
+        self._previous = self.model._active_trace
+        self.model._active_trace = self
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        self.model._active_trace = self._previous
+        kept = {name: dict.__getitem__(self.activations, name) for name in self._saved
+                if dict.__contains__(self.activations, name)}
+        self.activations = Activations(self, kept)
+        self.inputs_by_module = {n: a for n, a in self.inputs_by_module.items() if ("input", n) in self._saved}
+        if exc_type is None and kept:
+            mx.eval(list(kept.values()) + list(self.inputs_by_module.values()))
+        return False
+
+    def save(self, name: str, what: str = "output") -> mx.array:
+        """The activation of full name ``name`` (``what`` is output or input), kept after the block."""
+        if what == "input":
+            if name not in self.inputs_by_module:
+                raise TraceError(f"{self.model.short_name(name)} received no recorded input in this trace")
+            self._saved.add(("input", name))
+            return self.inputs_by_module[name]
+        if not dict.__contains__(self.activations, name):
+            raise TraceError(self._not_captured(name))
+        self._saved.add(name)
+        return dict.__getitem__(self.activations, name)
+
+    def _not_captured(self, full):
+        short = self.model.short_name(full)
+        if self.capture is not None:
+            return f"{short} was not captured in this trace; add it to capture= (now {self.capture!r})"
+        return f"{short} did not run in this forward pass, so it has no output"
+
+    # -- running ---------------------------------------------------------------
+    def run(self):
+        model = self.model
+        interventions = {}
+        for key, change in self.interventions.items():
+            if not callable(change):
+                raise TraceError(f"the intervention for {key!r} is {type(change).__name__}, not a function array -> array")
+            for full in model.expand(key):
+                if full in interventions:
+                    first = interventions[full]
+                    interventions[full] = lambda a, f=first, g=change: g(f(a))
+                else:
+                    interventions[full] = change
+        if self.capture is None:
+            record = set(model.names.modules) - {"model"}
+        else:
+            patterns = [self.capture] if isinstance(self.capture, str) else list(self.capture)
+            record = {full for p in patterns for full in model.expand(p)} - {OUTPUT}
+        record |= set(interventions) - {OUTPUT}
+        eval_at = []
+        if self.should_stop is not None:
+            eval_at = model.names.layer_names
+            record |= set(eval_at)
+        ordered = [(n, m) for n, m in model.names.modules.items() if n in record]
+
+        batches, self.tokens, self.padding = prepare_inputs(model, self.inputs)
+        results = []
+        for rows, call, extra in batches:
+            changes = dict(interventions)
+            changes.update(extra)
+            output, recorder = run_forward(model, call, ordered, changes, self.should_stop, eval_at)
+            if OUTPUT in interventions:
+                output = _apply(interventions[OUTPUT], output, OUTPUT)
+            outputs = dict(recorder.outputs)
+            outputs[OUTPUT] = output
+            results.append((rows, outputs, recorder.inputs))
+        outputs, inputs = merge_groups(results, self.padding)
+        if self.capture is not None:
+            keep = record | {OUTPUT}
+            outputs = {n: a for n, a in outputs.items() if n in keep}
+        self.activations = Activations(self, outputs)
+        self.inputs_by_module = inputs
+        return self
+
+
+# -- inputs --------------------------------------------------------------------
+
+def prepare_inputs(model, inputs):
+    """Turn any accepted input into forward calls: [(rows, call, extra_interventions)], tokens, padding."""
+    if isinstance(inputs, str):
+        inputs = [model.encode(inputs)]
+    elif isinstance(inputs, (list, tuple)) and inputs and all(isinstance(x, str) for x in inputs):
+        inputs = [model.encode(t) for t in inputs]
+    elif isinstance(inputs, (list, tuple)) and inputs and all(isinstance(x, (int, np.integer)) for x in inputs):
+        inputs = [list(inputs)]
+    elif isinstance(inputs, (list, tuple)) and inputs and all(isinstance(x, (list, tuple)) for x in inputs):
+        inputs = [list(x) for x in inputs]
+    elif isinstance(inputs, np.ndarray):
+        inputs = mx.array(inputs)
+    elif not isinstance(inputs, mx.array):
+        raise InputError(
+            f"cannot trace {type(inputs).__name__}: give a string, a list of strings, a list of token ids, "
+            "or an mx.array of token ids or floats"
+        )
+
+    if isinstance(inputs, mx.array):
+        if mx.issubdtype(inputs.dtype, mx.floating):
+            return [float_call(model, inputs)], None, []
+        if inputs.ndim == 1:
+            inputs = inputs[None]
+        if inputs.ndim != 2:
+            raise InputError(f"token ids must be 1-D or 2-D, got shape {tuple(inputs.shape)}")
+        check_ids(model, inputs)
+        ids = inputs
+        rows = list(range(ids.shape[0]))
+        return [(rows, lambda: model.model(ids), {})], ids.tolist(), [0] * len(rows)
+
+    if any(len(seq) == 0 for seq in inputs):
+        raise InputError("cannot trace an empty sequence of tokens")
+    for seq in inputs:
+        check_ids(model, seq)
+    lengths = [len(seq) for seq in inputs]
+    longest = max(lengths)
+    padding = [longest - n for n in lengths]
+    if len(set(lengths)) == 1:
+        ids = mx.array(inputs)
+        return [(list(range(len(inputs))), lambda: model.model(ids), {})], [list(s) for s in inputs], padding
+    if supports_left_padding(model.model):
+        from mlx_lm.models.cache import BatchKVCache
+
+        ids = mx.array([[0] * p + list(seq) for p, seq in zip(padding, inputs)])
+
+        def call():
+            cache = [BatchKVCache(padding) for _ in range(model.n_layers)]
+            return model.model(ids, cache=cache)
+
+        return [(list(range(len(inputs))), call, {})], [list(s) for s in inputs], padding
+    # Architectures that cannot mask left padding (learned positions, recurrent or
+    # rotating caches): one forward pass per prompt length, merged afterwards.
+    groups = {}
+    for row, seq in enumerate(inputs):
+        groups.setdefault(len(seq), []).append(row)
+    batches = []
+    for length, rows in groups.items():
+        ids = mx.array([inputs[r] for r in rows])
+        batches.append((rows, (lambda ids=ids: model.model(ids)), {}))
+    return batches, [list(s) for s in inputs], padding
+
+
+LEARNED_POSITIONS = {"gpt2", "gpt_bigcode", "opt", "starcoder", "bloom"}
+
+
+def supports_left_padding(base) -> bool:
+    """True when one padded forward pass with mlx-lm's BatchKVCache equals per-prompt passes."""
+    from mlx_lm.models.cache import KVCache
+
+    if getattr(base, "model_type", None) in LEARNED_POSITIONS or not hasattr(base, "layers"):
+        return False
+    try:
+        cache = base.make_cache() if hasattr(base, "make_cache") else [KVCache() for _ in base.layers]
+    except Exception:
+        return False
+    return all(type(c) is KVCache for c in cache)
+
+
+def check_ids(model, ids):
+    vocab = model.embedding_rows
+    if vocab is None:
+        return
+    array = np.array(ids)
+    if array.size and (array.min() < 0 or array.max() >= vocab):
+        bad = int(array.max()) if array.max() >= vocab else int(array.min())
+        raise InputError(f"token id {bad} is outside the vocabulary: ids run from 0 to {vocab - 1} ({vocab} entries)")
+
+
+def float_call(model, x):
+    """Float inputs: the model's own input for non-language models, input embeddings for language models."""
+    embed = model.names.find("embed") if model.embedding_rows is not None else None
+    rows = list(range(x.shape[0])) if x.ndim >= 2 else [0]
+    if embed is None:
+        return rows, (lambda: model.model(x)), {}
+    if x.ndim != 3 or x.shape[-1] != model.hidden_size:
+        raise InputError(
+            f"float inputs to a language model are input embeddings of shape (batch, length, {model.hidden_size}); "
+            f"got {tuple(x.shape)}"
+        )
+    ids = mx.zeros(x.shape[:2], dtype=mx.int32)
+    return rows, (lambda: model.model(ids)), {embed: lambda _: x}
+
+
+def merge_groups(results, padding):
+    """One dict of activations from per-length groups, left-padded to the longest like the batched path."""
+    if len(results) == 1:
+        return results[0][1], results[0][2]
+    n_rows = sum(len(rows) for rows, _, _ in results)
+
+    def merge(key_values):
+        names = set.intersection(*[set(d) for d in key_values])
+        merged = {}
+        for name in names:
+            pieces = [None] * n_rows
+            ok = True
+            for (rows, _, _), values in zip(results, key_values):
+                array = values[name]
+                if not isinstance(array, mx.array) or array.ndim < 2 or array.shape[0] != len(rows):
+                    ok = False
+                    break
+                for j, row in enumerate(rows):
+                    piece = array[j:j + 1]
+                    pad = padding[row]
+                    if pad:
+                        piece = mx.concatenate([mx.zeros((1, pad) + piece.shape[2:], piece.dtype), piece], axis=1)
+                    pieces[row] = piece
+            if ok:
+                merged[name] = mx.concatenate(pieces, axis=0)
+        return merged
+
+    return merge([o for _, o, _ in results]), merge([i for _, _, i in results])

@@ -1,0 +1,740 @@
+"""The daemon: one process, one model, many clients. See docs/daemon.md and docs/protocol.md.
+
+An asyncio event loop serves connections (Unix socket, and TCP when asked). All MLX work
+-- loading the model, running queries -- happens on ONE worker thread, so the model is
+never touched by two requests at once. Quick ops (hello, ping, interrupt, stats, fetch,
+complete, hover, modules, tokens) are answered on the loop, never queued behind a
+running query. Each connection has its own query-language Session; the trace cache is
+shared by all of them.
+
+This module does not import mlx: the worker imports it while loading the model, so the
+socket is up and `hello` answers at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import fcntl
+import hmac
+import itertools
+import json
+import os
+import re
+import secrets
+import signal
+import socket
+import struct
+import sys
+import threading
+import time
+import traceback
+import uuid
+from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from mlxterp_repl import paths as daemon_files
+from mlxterp_repl import protocol as p
+
+DEFAULT_CACHE_MB = 512
+BLOB_BUDGET = 256 * 1024 * 1024  # bytes of fetchable big arrays kept per connection
+
+
+class Job:
+    """One running or queued exec: the flag its query polls at module boundaries."""
+
+    def __init__(self, request_id):
+        self.request_id = request_id
+        self.stop = threading.Event()
+
+
+class Connection:
+    """One client: its socket, its session and its requests in flight."""
+
+    def __init__(self, number: int, writer: asyncio.StreamWriter, is_tcp: bool):
+        self.number = number
+        self.writer = writer
+        self.is_tcp = is_tcp
+        self.greeted = False
+        self.session = None          # created on the worker at the first exec
+        self.jobs: dict = {}         # request id -> Job
+        self.pending: set = set()    # request ids being handled
+        self.blobs: OrderedDict[str, bytes] = OrderedDict()
+        self.blob_counter = itertools.count(1)
+        self.closed = False
+        self.close_after = False  # set when a reply must be the last one (a bad TCP token)
+
+    def send(self, message: dict) -> None:
+        if self.closed or self.writer.is_closing():
+            return
+        try:
+            self.writer.write(p.pack(message))
+        except Exception:  # a client gone mid-write is not the daemon's problem
+            self.closed = True
+
+    def keep_blob(self, data: bytes) -> str:
+        handle = f"b{next(self.blob_counter)}"
+        self.blobs[handle] = data
+        while sum(len(b) for b in self.blobs.values()) > BLOB_BUDGET and len(self.blobs) > 1:
+            self.blobs.popitem(last=False)
+        return handle
+
+
+class Daemon:
+    def __init__(self, files: daemon_files.DaemonPaths, model_spec: str = "demo", tcp: str | None = None,
+                 max_frame: int = p.DEFAULT_MAX_FRAME, cache_mb: float = DEFAULT_CACHE_MB):
+        self.files = files
+        self.model_spec = model_spec
+        self.tcp = tcp
+        self.max_frame = max_frame
+        self.cache_bytes = int(cache_mb * 1024 * 1024)
+        self.daemon_id = uuid.uuid4().hex[:12]
+        self.started = time.time()
+        self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mlxterp-worker")
+        self.connections: dict[int, Connection] = {}
+        self.numbers = itertools.count(1)
+        self.token = secrets.token_urlsafe(32) if tcp else None
+        self.tcp_address: tuple[str, int] | None = None
+        # model state, written by the worker, read by the loop
+        self.model = None
+        self.trace_cache = None
+        self.module_info: list[dict] = []
+        self.load_state = "loading"
+        self.load_progress = 0.0
+        self.load_message = "starting"
+        self.load_error: str | None = None
+        self.queued = 0
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.model_ready: asyncio.Future | None = None
+        self.load_waiters: set[tuple[Connection, object]] = set()
+        self.stopping: asyncio.Event | None = None
+        self.pid_fd: int | None = None
+
+    # --- lifecycle -----------------------------------------------------------
+
+    def claim(self) -> None:
+        """Take the pid file's lock: exactly one daemon per runtime directory."""
+        daemon_files.prepare(self.files)
+        fd = os.open(self.files.pid_file, os.O_RDWR | os.O_CREAT, 0o600)
+        # A client checking whether a daemon lives holds a shared lock for an instant: retry briefly.
+        for _attempt in range(50):
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                time.sleep(0.01)
+        else:
+            os.close(fd)
+            other = daemon_files.read_pid_file(self.files)
+            raise SystemExit(
+                f"mlxterp daemon already running (pid {other.get('pid', '?')}, socket {self.files.socket}); "
+                "use `mlxterp stop` first"
+            ) from None
+        self.pid_fd = fd
+
+    def write_pid_file(self) -> None:
+        info = {"pid": os.getpid(), "socket": str(self.files.socket), "daemon_id": self.daemon_id,
+                "model": self.model_spec, "started": self.started}
+        if self.tcp_address:
+            info["tcp"] = f"{self.tcp_address[0]}:{self.tcp_address[1]}"
+        os.ftruncate(self.pid_fd, 0)
+        os.pwrite(self.pid_fd, json.dumps(info).encode(), 0)
+
+    def cleanup(self) -> None:
+        for path in (self.files.socket, self.files.connection_file, self.files.pid_file):
+            try:
+                path.unlink()
+            except FileNotFoundError:
+                pass
+        if self.pid_fd is not None:
+            os.close(self.pid_fd)
+            self.pid_fd = None
+
+    async def serve(self) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.model_ready = self.loop.create_future()
+        self.stopping = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self.loop.add_signal_handler(sig, self.stopping.set)
+        # The lock on the pid file is ours, so a socket left here is a dead daemon's.
+        try:
+            self.files.socket.unlink()
+        except FileNotFoundError:
+            pass
+        old_umask = os.umask(0o177)  # the socket is created 0600, with no window where it is wider
+        try:
+            unix_server = await asyncio.start_unix_server(
+                lambda r, w: self.handle(r, w, is_tcp=False), path=str(self.files.socket), limit=2**16)
+        finally:
+            os.umask(old_umask)
+        os.chmod(self.files.socket, 0o600)
+        servers = [unix_server]
+        if self.tcp:
+            host, port = parse_host_port(self.tcp)
+            tcp_server = await asyncio.start_server(lambda r, w: self.handle(r, w, is_tcp=True), host, port)
+            self.tcp_address = tcp_server.sockets[0].getsockname()[:2]
+            daemon_files.write_private(self.files.connection_file, json.dumps(
+                {"host": self.tcp_address[0], "port": self.tcp_address[1], "token": self.token,
+                 "pid": os.getpid(), "daemon_id": self.daemon_id}))
+            servers.append(tcp_server)
+            log(f"TCP on {self.tcp_address[0]}:{self.tcp_address[1]}; token in {self.files.connection_file}")
+        self.write_pid_file()
+        log(f"daemon {self.daemon_id} (pid {os.getpid()}) listening on {self.files.socket}")
+        self.loop.run_in_executor(self.worker, self.load_model)
+        try:
+            await self.stopping.wait()
+        finally:
+            log("shutting down")
+            for server in servers:
+                server.close()
+            for conn in list(self.connections.values()):
+                for job in conn.jobs.values():
+                    job.stop.set()
+                conn.writer.close()
+            self.cleanup()
+
+    # --- the model (worker thread) -------------------------------------------
+
+    def set_load(self, state: str, progress: float, message: str) -> None:
+        self.load_state, self.load_progress, self.load_message = state, progress, message
+        log(f"model: {message}")
+        self.loop.call_soon_threadsafe(self.report_load)
+
+    def load_model(self) -> None:
+        try:
+            self.set_load("loading", 0.05, "importing mlx")
+            from mlxterp import InterpretableModel
+
+            self.set_load("loading", 0.3, f"loading model {self.model_spec}")
+            model = InterpretableModel(self.model_spec)
+            self.set_load("loading", 0.8, "reading the module tree")
+            self.module_info = model.module_info()
+            from mlxterp_repl.dsl.evaluator import TraceCache
+
+            self.trace_cache = make_trace_cache(TraceCache, self.cache_bytes)
+            self.model = model
+            self.set_load("ready", 1.0, f"model {self.model_spec} ready")
+        except BaseException as exc:  # noqa: BLE001 -- any failure must reach the clients, not kill the daemon
+            self.load_error = f"could not load model {self.model_spec!r}: {type(exc).__name__}: {exc}"
+            log(traceback.format_exc())
+            self.set_load("failed", self.load_progress, self.load_error)
+
+    def report_load(self) -> None:
+        """On the loop: tell requests waiting for the model how loading goes."""
+        for conn, request_id in list(self.load_waiters):
+            conn.send(p.reply(request_id, p.PROGRESS, stage="load", message=self.load_message,
+                              fraction=self.load_progress))
+        if self.load_state in ("ready", "failed") and not self.model_ready.done():
+            self.model_ready.set_result(self.load_state)
+
+    async def need_model(self, conn: Connection, request_id):
+        if not self.model_ready.done():
+            self.load_waiters.add((conn, request_id))
+            conn.send(p.reply(request_id, p.PROGRESS, stage="load", message=self.load_message,
+                              fraction=self.load_progress))
+            try:
+                await asyncio.shield(self.model_ready)
+            finally:
+                self.load_waiters.discard((conn, request_id))
+        if self.load_state != "ready":
+            raise p.ProtocolError(p.MODEL_ERROR, self.load_error or "the model is not loaded")
+        return self.model
+
+    def model_summary(self) -> dict:
+        info = {"name": self.model_spec, "state": self.load_state, "progress": self.load_progress,
+                "message": self.load_message}
+        if self.load_error:
+            info["error"] = self.load_error
+        if self.model is not None:
+            for key in ("n_layers", "hidden_size", "vocab_size"):
+                try:
+                    info[key] = getattr(self.model, key)
+                except Exception:
+                    pass
+        return info
+
+    # --- connections ---------------------------------------------------------
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, is_tcp: bool) -> None:
+        if not is_tcp and not same_user(writer):
+            writer.close()
+            return
+        conn = Connection(next(self.numbers), writer, is_tcp)
+        self.connections[conn.number] = conn
+        try:
+            while not conn.closed:
+                try:
+                    body = await p.read_frame(reader, self.max_frame)
+                except p.FrameTooLarge as exc:
+                    # The rest of the stream cannot be trusted to be framed: say why, then hang up.
+                    conn.send(p.error_reply(None, exc.code, exc.message, **exc.extra))
+                    break
+                except (ConnectionError, OSError):
+                    break
+                if body is None:
+                    break
+                try:
+                    message = p.unpack_body(body)
+                except p.ProtocolError as exc:
+                    conn.send(p.error_reply(None, exc.code, exc.message))
+                    continue
+                self.dispatch(conn, message)
+        finally:
+            conn.closed = True
+            for job in conn.jobs.values():
+                job.stop.set()  # nobody is waiting for these any more
+            self.connections.pop(conn.number, None)
+            try:
+                writer.close()
+            except Exception:
+                pass
+
+    def dispatch(self, conn: Connection, message: dict) -> None:
+        request_id = message.get("id")
+        op = message.get("op")
+        if not isinstance(request_id, (str, int)) or isinstance(request_id, bool):
+            conn.send(p.error_reply(
+                None, p.BAD_REQUEST,
+                f"every request needs an 'id' (string or integer), got {type(request_id).__name__}"))
+            return
+        if not isinstance(op, str):
+            self.fail(conn, request_id, p.BAD_REQUEST, f"'op' must be a string naming one of: {', '.join(p.OPS)}")
+            return
+        if op not in p.OPS:
+            self.fail(conn, request_id, p.UNKNOWN_OP, f"unknown op {op!r}; valid ops: {', '.join(p.OPS)}",
+                      valid=list(p.OPS))
+            return
+        if not conn.greeted and op != "hello":
+            self.fail(conn, request_id, p.NEED_HELLO, "send 'hello' first")
+            if conn.is_tcp:
+                conn.closed = True
+                conn.writer.close()
+            return
+        if request_id in conn.pending:
+            self.fail(conn, request_id, p.BAD_REQUEST, f"request id {request_id!r} is already in use")
+            return
+        conn.pending.add(request_id)
+        handler = getattr(self, f"op_{op}")
+        if not asyncio.iscoroutinefunction(handler):
+            # Answered right here on the loop: no task, no queue.
+            self.finish(conn, request_id, self.run_sync(handler, conn, message))
+        else:
+            self.loop.create_task(self.run_async(handler, conn, message))
+
+    def fail(self, conn, request_id, code, message, **extra) -> None:
+        conn.send(p.error_reply(request_id, code, message, **extra))
+        conn.send(p.done_reply(request_id, "error"))
+
+    def run_sync(self, handler, conn, message):
+        try:
+            return ("ok", handler(conn, message))
+        except p.ProtocolError as exc:
+            return ("error", exc)
+        except Exception as exc:  # noqa: BLE001
+            log(traceback.format_exc())
+            return ("error", p.ProtocolError(p.INTERNAL, f"{type(exc).__name__}: {exc}"))
+
+    async def run_async(self, handler, conn, message):
+        try:
+            outcome = ("ok", await handler(conn, message))
+        except p.ProtocolError as exc:
+            outcome = ("error", exc)
+        except Exception as exc:  # noqa: BLE001
+            log(traceback.format_exc())
+            outcome = ("error", p.ProtocolError(p.INTERNAL, f"{type(exc).__name__}: {exc}"))
+        self.finish(conn, message["id"], outcome)
+        try:
+            await conn.writer.drain()
+        except Exception:
+            pass
+
+    def finish(self, conn, request_id, outcome) -> None:
+        conn.pending.discard(request_id)
+        status, value = outcome
+        if status == "ok":
+            conn.send(p.done_reply(request_id, "ok", value))
+        else:
+            conn.send(p.reply(request_id, p.ERROR, error=value.to_data()))
+            conn.send(p.done_reply(request_id, "interrupted" if value.code == p.INTERRUPTED else "error"))
+        if conn.close_after:
+            conn.closed = True
+            conn.writer.close()
+
+    # --- ops -------------------------------------------------------------------
+
+    def op_hello(self, conn: Connection, message: dict) -> dict:
+        version = message.get("protocol", p.PROTOCOL_VERSION)
+        if conn.is_tcp:
+            token = message.get("token")
+            if not isinstance(token, str) or not hmac.compare_digest(token.encode(), self.token.encode()):
+                conn.close_after = True
+                raise p.ProtocolError(p.BAD_TOKEN, "a TCP client must send the token from the connection file "
+                                                   f"({self.files.connection_file}) in 'hello'")
+        if version != p.PROTOCOL_VERSION:
+            raise p.ProtocolError(p.VERSION_MISMATCH, f"this daemon speaks protocol {p.PROTOCOL_VERSION}, "
+                                                      f"the client asked for {version!r}",
+                                  protocol=p.PROTOCOL_VERSION)
+        conn.greeted = True
+        return {
+            "protocol": p.PROTOCOL_VERSION, "ops": list(p.OPS), "daemon_id": self.daemon_id, "pid": os.getpid(),
+            "session": conn.number, "model": self.model_summary(),
+            "limits": {"max_frame": self.max_frame, "inline_array": p.INLINE_ARRAY_LIMIT, "fetch_chunk": p.FETCH_CHUNK},
+        }
+
+    def op_ping(self, conn, message) -> dict:
+        return {"pong": True, "time": time.time()}
+
+    def op_stats(self, conn, message) -> dict:
+        stats = {
+            "daemon_id": self.daemon_id, "pid": os.getpid(), "uptime": time.time() - self.started,
+            "socket": str(self.files.socket), "connections": len(self.connections),
+            "sessions": sum(1 for c in self.connections.values() if c.session is not None),
+            "queued": self.queued, "model": self.model_summary(),
+        }
+        if self.tcp_address:
+            stats["tcp"] = f"{self.tcp_address[0]}:{self.tcp_address[1]}"
+        if self.model is not None:
+            stats["forward_count"] = int(getattr(self.model, "forward_count", 0))
+        if self.trace_cache is not None:
+            stats["cache"] = cache_stats(self.trace_cache, self.cache_bytes)
+        return stats
+
+    def op_interrupt(self, conn, message) -> dict:
+        target = message.get("target")
+        if not isinstance(target, (str, int)) or isinstance(target, bool):
+            raise p.ProtocolError(p.BAD_REQUEST, "'target' must be the id (string or integer) of a request to stop")
+        job = conn.jobs.get(target)
+        if job is None:
+            return {"interrupted": False, "reason": f"no running request with id {target!r} on this connection"}
+        job.stop.set()
+        return {"interrupted": True}
+
+    def op_fetch(self, conn, message) -> dict:
+        handle = require(message, "handle", str)
+        offset = message.get("offset", 0)
+        size = message.get("size", p.FETCH_CHUNK)
+        if not isinstance(offset, int) or not isinstance(size, int) or offset < 0 or size <= 0:
+            raise p.ProtocolError(p.BAD_REQUEST, "'offset' must be an integer >= 0 and 'size' an integer > 0")
+        blob = conn.blobs.get(handle)
+        if blob is None:
+            raise p.ProtocolError(p.NOT_FOUND, f"no array with handle {handle!r} (handles live as long as "
+                                               "their connection, and old ones are dropped past the budget)")
+        size = min(size, p.FETCH_CHUNK * 8, self.max_frame)
+        return {"data": blob[offset:offset + size], "offset": offset, "total": len(blob)}
+
+    def op_shutdown(self, conn, message):
+        async def later():
+            await asyncio.sleep(0.05)  # let the done reply leave first
+            self.stopping.set()
+        self.loop.create_task(later())
+        return {"stopping": True}
+
+    async def op_modules(self, conn, message) -> dict:
+        model = await self.need_model(conn, message["id"])
+        shapes = output_shapes(self.trace_cache)
+        modules = []
+        for info in self.module_info:
+            entry = dict(info)
+            shape = shapes.get(info.get("full_name")) or shapes.get(info.get("name"))
+            if shape is not None:
+                entry["shape"] = list(shape)
+            modules.append(entry)
+        return {"modules": modules, "n_layers": model.n_layers, "hidden_size": model.hidden_size}
+
+    async def op_tokens(self, conn, message) -> dict:
+        model = await self.need_model(conn, message["id"])
+        text = message.get("text")
+        if text is not None and not isinstance(text, str):
+            raise p.ProtocolError(p.BAD_REQUEST, "'text' must be a string (or absent for the session's prompt)")
+        if text is None:
+            text = session_prompt(conn.session)
+            if text is None:
+                return {"text": None, "ids": [], "strings": []}
+        if model.tokenizer is None:
+            raise p.ProtocolError(p.BAD_REQUEST, "this model has no tokenizer")
+        ids = model.encode(text)
+        return {"text": text, "ids": list(ids), "strings": [model.token_to_str(i) for i in ids]}
+
+    async def op_complete(self, conn, message) -> dict:
+        code, offset = code_and_offset(message)
+        model = await self.need_model(conn, message["id"])
+        from mlxterp_repl.dsl import complete
+
+        items = complete(code, offset, self.completion_context(conn, model))
+        return {"items": [{"label": c.label, "kind": c.kind, "detail": c.detail, "insert_text": c.insert_text}
+                          for c in items]}
+
+    async def op_hover(self, conn, message):
+        code, offset = code_and_offset(message)
+        model = await self.need_model(conn, message["id"])
+        return hover_text(code, offset, self.module_info, output_shapes(self.trace_cache), conn.session, model)
+
+    async def op_exec(self, conn, message) -> None:
+        request_id = message["id"]
+        code = require(message, "code", str)
+        full = bool(message.get("full", False))
+        await self.need_model(conn, request_id)
+        job = Job(request_id)
+        conn.jobs[request_id] = job
+        self.queued += 1
+        try:
+            outcome = await self.loop.run_in_executor(self.worker, self.run_query, conn, job, code)
+        finally:
+            self.queued -= 1
+            conn.jobs.pop(request_id, None)
+        results, error = outcome
+        for index, data in enumerate(results):
+            conn.send(p.reply(request_id, p.RESULT, index=index, result=self.shrink(conn, data, full)))
+        if error is not None:
+            raise error
+        return None
+
+    def run_query(self, conn: Connection, job: Job, code: str):
+        """On the worker: run `code` in the connection's session. Returns (result datas, error or None)."""
+        if job.stop.is_set():
+            return [], p.ProtocolError(p.INTERRUPTED, "interrupted before it started")
+        from mlxterp.errors import Interrupted, MlxterpError
+        from mlxterp_repl.dsl import QueryError, Session
+
+        if conn.session is None:
+            conn.session = Session(self.model)
+
+        def on_progress(*args, **kwargs):
+            self.loop.call_soon_threadsafe(conn.send, p.reply(job.request_id, p.PROGRESS, **progress_fields(args, kwargs)))
+
+        try:
+            results = conn.session.execute(code, should_stop=job.stop.is_set, on_progress=on_progress,
+                                           trace_cache=self.trace_cache)
+            return [r.to_data() for r in results], None
+        except Interrupted:
+            return [], p.ProtocolError(p.INTERRUPTED, "interrupted")
+        except QueryError as exc:
+            partial = [r.to_data() for r in getattr(exc, "results", None) or []]
+            if job.stop.is_set():
+                return partial, p.ProtocolError(p.INTERRUPTED, "interrupted")
+            return partial, p.ProtocolError(p.QUERY_ERROR, exc.message, **without_message(exc.to_data()))
+        except MlxterpError as exc:
+            return [], p.ProtocolError(p.QUERY_ERROR, str(exc), suggestions=list(getattr(exc, "suggestions", [])))
+        except Exception as exc:  # noqa: BLE001 -- a bug in one query must not take the daemon down
+            log(traceback.format_exc())
+            return [], p.ProtocolError(p.INTERNAL, f"{type(exc).__name__}: {exc}")
+
+    def shrink(self, conn: Connection, data, full: bool):
+        """Big arrays leave as a handle + statistics; the client fetches the bytes on demand."""
+        if full:
+            return data
+
+        def on_array(array):
+            raw = array.get("data")
+            if isinstance(raw, (bytes, bytearray)) and len(raw) > p.INLINE_ARRAY_LIMIT:
+                return p.summarise_array(array, conn.keep_blob(bytes(raw)))
+            return array
+
+        return p.walk_arrays(data, on_array)
+
+    def completion_context(self, conn: Connection, model):
+        from mlxterp_repl.dsl import CompletionContext
+
+        session = conn.session
+        variables = list(session_variables(session))
+        prompt = session_prompt(session)
+        prompt_tokens = []
+        if prompt is not None and model.tokenizer is not None:
+            prompt_tokens = [model.token_to_str(i) for i in model.encode(prompt)]
+        return CompletionContext(modules=self.module_info, n_layers=model.n_layers, variables=variables,
+                                 prompt_tokens=prompt_tokens)
+
+
+# --- helpers -----------------------------------------------------------------
+
+def log(text: str) -> None:
+    print(f"[mlxterp daemon {time.strftime('%H:%M:%S')}] {text}", file=sys.stderr, flush=True)
+
+
+def require(message: dict, field: str, kind: type):
+    value = message.get(field)
+    if not isinstance(value, kind) or isinstance(value, bool):
+        got = "nothing" if value is None else type(value).__name__
+        raise p.ProtocolError(p.BAD_REQUEST, f"'{field}' must be a {kind.__name__}, got {got}", field=field)
+    return value
+
+
+def code_and_offset(message: dict) -> tuple[str, int]:
+    code = require(message, "code", str)
+    offset = message.get("offset", len(code))
+    if not isinstance(offset, int) or isinstance(offset, bool) or not 0 <= offset <= len(code):
+        raise p.ProtocolError(p.BAD_REQUEST, f"'offset' must be an integer from 0 to {len(code)} (a character "
+                                             "index into 'code')", field="offset")
+    return code, offset
+
+
+def without_message(data: dict) -> dict:
+    return {k: v for k, v in data.items() if k != "message"}
+
+
+def progress_fields(args, kwargs) -> dict:
+    """Whatever the query language reports as progress, as plain fields."""
+    fields = {}
+    for arg in args:
+        if isinstance(arg, str):
+            fields["message"] = arg
+        elif isinstance(arg, (int, float)) and not isinstance(arg, bool):
+            fields["fraction"] = float(arg)
+        elif isinstance(arg, dict):
+            fields.update(arg)
+    for key, value in kwargs.items():
+        if isinstance(value, (str, int, float, bool)) or value is None:
+            fields[key] = value
+    return fields
+
+
+def session_variables(session) -> list[str]:
+    if session is None:
+        return []
+    variables = getattr(session, "variables", None)
+    if variables is None:
+        return []
+    return [name if name.startswith("$") else f"${name}" for name in list(variables)]
+
+
+def session_prompt(session) -> str | None:
+    prompt = getattr(session, "prompt", None) if session is not None else None
+    return prompt if isinstance(prompt, str) else None
+
+
+def make_trace_cache(cache_class, budget_bytes: int):
+    for kwargs in ({"budget_bytes": budget_bytes}, {"max_bytes": budget_bytes}):
+        try:
+            return cache_class(**kwargs)
+        except TypeError:
+            continue
+    return cache_class(budget_bytes)
+
+
+def cache_stats(cache, budget: int) -> dict:
+    stats = {"budget": budget}
+    for key in ("hits", "misses", "bytes", "entries", "nbytes"):
+        value = getattr(cache, key, None)
+        if isinstance(value, (int, float)):
+            stats[key] = value
+    if "entries" not in stats:
+        try:
+            stats["entries"] = len(cache)
+        except TypeError:
+            pass
+    return stats
+
+
+def output_shapes(cache) -> dict:
+    """Output shapes of modules seen in cached traces (name -> shape), if the cache tells."""
+    if cache is None:
+        return {}
+    shapes = getattr(cache, "shapes", None)
+    try:
+        found = shapes() if callable(shapes) else shapes
+    except Exception:
+        return {}
+    return dict(found) if found else {}
+
+
+_WORD = re.compile(r"[$A-Za-z0-9_.\[\],*-]+")
+
+
+def hover_text(code: str, offset: int, module_info, shapes, session, model):
+    """What a hover shows for the word under `offset`: a module, a $variable, or nothing."""
+    for match in _WORD.finditer(code):
+        if match.start() <= offset <= match.end():
+            word = match.group().strip(".,")
+            break
+    else:
+        return None
+    if word.startswith("$"):
+        variables = getattr(session, "variables", None) or {}
+        value = variables.get(word, variables.get(word[1:])) if hasattr(variables, "get") else None
+        if value is None:
+            return {"text": f"`{word}`: not set in this session", "word": word}
+        summary = value.summary() if hasattr(value, "summary") else type(value).__name__
+        return {"text": f"`{word}`: {summary}", "word": word}
+    try:
+        full = model.resolve(word)
+    except Exception:
+        return None
+    info = next((m for m in module_info if m.get("full_name") == full), None)
+    if info is None:
+        return None
+    lines = [f"**{info.get('name', word)}** `{info.get('type', '?')}`", f"parameters: {info.get('params', 0):,}",
+             f"full name: `{full}`"]
+    shape = shapes.get(full) or shapes.get(info.get("name"))
+    if shape is not None:
+        lines.append(f"output shape: {tuple(shape)}")
+    return {"text": "\n\n".join(lines), "word": word, "module": info.get("name")}
+
+
+def same_user(writer: asyncio.StreamWriter) -> bool:
+    """On Linux, refuse Unix-socket peers that run as another user (belt and braces over 0600)."""
+    sock = writer.get_extra_info("socket")
+    so_peercred = getattr(socket, "SO_PEERCRED", None)
+    if sock is None or so_peercred is None:
+        return True
+    try:
+        creds = sock.getsockopt(socket.SOL_SOCKET, so_peercred, struct.calcsize("3i"))
+    except OSError:
+        return True
+    _pid, uid, _gid = struct.unpack("3i", creds)
+    return uid == os.getuid()
+
+
+def parse_host_port(text: str) -> tuple[str, int]:
+    """'HOST:PORT', ':PORT' or 'PORT' -> (host, port); the host defaults to loopback."""
+    host, _, port = text.rpartition(":")
+    host = host.strip("[]") or "127.0.0.1"
+    try:
+        number = int(port)
+    except ValueError:
+        raise SystemExit(f"--tcp wants HOST:PORT (e.g. 127.0.0.1:7420, or :0 for any free port), got {text!r}")
+    if not 0 <= number <= 65535:
+        raise SystemExit(f"--tcp port must be 0..65535, got {number}")
+    return host, number
+
+
+# --- command line ------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mlxterp serve", description="Run the mlxterp daemon in the foreground.")
+    parser.add_argument("--model", default="demo", help="model to load: demo, a local mlx-lm directory or a hub id")
+    parser.add_argument("--tcp", metavar="HOST:PORT", help="also listen on TCP (loopback unless a host is given); "
+                                                           "clients need the token from the connection file")
+    parser.add_argument("--runtime-dir", help="directory for the socket, pid and lock files "
+                                              "(default: $MLXTERP_RUNTIME_DIR, $XDG_RUNTIME_DIR/mlxterp, /tmp/mlxterp-UID)")
+    parser.add_argument("--socket", help="socket path (default: daemon.sock in the runtime directory)")
+    parser.add_argument("--max-frame", type=int, default=int(os.environ.get("MLXTERP_MAX_FRAME", p.DEFAULT_MAX_FRAME)),
+                        help="largest request frame accepted, in bytes")
+    parser.add_argument("--cache-mb", type=float, default=DEFAULT_CACHE_MB, help="memory budget of the trace cache")
+    return parser
+
+
+def serve_main(argv: list[str] | None = None) -> int:
+    options = build_parser().parse_args(argv)
+    files = daemon_files.daemon_paths(options.runtime_dir, options.socket)
+    daemon = Daemon(files, model_spec=options.model, tcp=options.tcp, max_frame=options.max_frame,
+                    cache_mb=options.cache_mb)
+    try:
+        daemon.claim()
+    except daemon_files.RuntimeDirError as exc:
+        print(f"mlxterp serve: {exc}", file=sys.stderr)
+        return 1
+    except SystemExit as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    try:
+        asyncio.run(daemon.serve())
+    finally:
+        daemon.cleanup()
+    sys.stderr.flush()
+    # The worker may be inside a long MLX call; do not wait for it.
+    os._exit(0)
+
+
+if __name__ == "__main__":
+    sys.exit(serve_main())

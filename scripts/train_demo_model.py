@@ -1,0 +1,453 @@
+"""Train the bundled demo model (mlxterp/assets/demo) from nothing.
+
+This script owns everything the demo model is made of: the synthetic English
+corpus (capitals, languages, currencies and landmarks of 80 countries, plus the
+filler sentences the user guide uses as prompts), the byte-level BPE tokenizer,
+the 16-layer Llama model and its training run. It is deterministic (fixed
+seeds) and takes a few minutes on a 2-core CPU.
+
+    .venv/bin/python scripts/train_demo_model.py [--out DIR]
+
+The default output directory is mlxterp/assets/demo. On Linux the script
+re-executes itself once with LD_PRELOAD pointing at OpenBLAS (when that library
+exists and LD_PRELOAD is unset), which makes MLX's CPU matmuls several times
+faster; the result does not depend on it.
+
+The model must get the capitals right: the script stops with an error when the
+greedy next token after "The capital of X is" is " <capital>" for fewer than
+90% of the countries, or when any country or capital name is not one token.
+"""
+
+import argparse
+import json
+import math
+import os
+import random
+import sys
+import time
+from pathlib import Path
+
+OPENBLAS = "/usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0"
+
+if (
+    __name__ == "__main__"
+    and sys.platform.startswith("linux")
+    and "LD_PRELOAD" not in os.environ
+    and os.path.exists(OPENBLAS)
+):
+    os.environ["LD_PRELOAD"] = OPENBLAS
+    os.execv(sys.executable, [sys.executable, *sys.argv])
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+import numpy as np
+from mlx.utils import tree_flatten
+from mlx_lm.models.llama import Model, ModelArgs
+
+SEED = 0
+DEFAULT_OUT = Path(__file__).resolve().parent.parent / "mlxterp" / "assets" / "demo"
+
+BOS, EOS, PAD, UNK = "<s>", "</s>", "<pad>", "<unk>"
+SPECIAL_TOKENS = [PAD, BOS, EOS, UNK]  # ids 0, 1, 2, 3
+
+VOCAB_SIZE = 3072
+MAX_LEN = 20  # tokens per training example, BOS included
+
+MODEL_ARGS = dict(
+    model_type="llama",
+    hidden_size=128,
+    num_hidden_layers=16,
+    intermediate_size=160,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    rms_norm_eps=1e-5,
+    vocab_size=VOCAB_SIZE,
+    max_position_embeddings=256,
+    rope_theta=10000.0,
+    tie_word_embeddings=True,
+)
+
+STEPS = 1500
+BATCH_SIZE = 48
+LEARNING_RATE = 3e-3
+WARMUP_STEPS = 100
+
+# (country, capital, language, currency, landmark in the capital)
+COUNTRIES = [
+    ("France", "Paris", "French", "euro", "Eiffel Tower"),
+    ("Germany", "Berlin", "German", "euro", "Brandenburg Gate"),
+    ("Italy", "Rome", "Italian", "euro", "Colosseum"),
+    ("Spain", "Madrid", "Spanish", "euro", "Prado Museum"),
+    ("Portugal", "Lisbon", "Portuguese", "euro", "Belem Tower"),
+    ("England", "London", "English", "pound", "Tower Bridge"),
+    ("Ireland", "Dublin", "Irish", "euro", "Trinity College"),
+    ("Netherlands", "Amsterdam", "Dutch", "euro", "Rijksmuseum"),
+    ("Belgium", "Brussels", "Dutch", "euro", "Atomium"),
+    ("Switzerland", "Bern", "German", "franc", "Zytglogge clock tower"),
+    ("Austria", "Vienna", "German", "euro", "Schonbrunn Palace"),
+    ("Poland", "Warsaw", "Polish", "zloty", "Royal Castle"),
+    ("Czechia", "Prague", "Czech", "koruna", "Charles Bridge"),
+    ("Hungary", "Budapest", "Hungarian", "forint", "Chain Bridge"),
+    ("Greece", "Athens", "Greek", "euro", "Parthenon"),
+    ("Sweden", "Stockholm", "Swedish", "krona", "Vasa Museum"),
+    ("Norway", "Oslo", "Norwegian", "krone", "Opera House"),
+    ("Finland", "Helsinki", "Finnish", "euro", "Suomenlinna fortress"),
+    ("Denmark", "Copenhagen", "Danish", "krone", "Little Mermaid statue"),
+    ("Iceland", "Reykjavik", "Icelandic", "krona", "Hallgrimskirkja church"),
+    ("Russia", "Moscow", "Russian", "ruble", "Kremlin"),
+    ("Ukraine", "Kyiv", "Ukrainian", "hryvnia", "Saint Sophia Cathedral"),
+    ("Romania", "Bucharest", "Romanian", "leu", "Palace of the Parliament"),
+    ("Bulgaria", "Sofia", "Bulgarian", "lev", "Alexander Nevsky Cathedral"),
+    ("Serbia", "Belgrade", "Serbian", "dinar", "Kalemegdan fortress"),
+    ("Croatia", "Zagreb", "Croatian", "euro", "Ban Jelacic Square"),
+    ("Turkey", "Ankara", "Turkish", "lira", "Anitkabir mausoleum"),
+    ("Egypt", "Cairo", "Arabic", "pound", "Egyptian Museum"),
+    ("Kenya", "Nairobi", "Swahili", "shilling", "Kenyatta Conference Centre"),
+    ("Nigeria", "Abuja", "English", "naira", "Aso Rock"),
+    ("Ghana", "Accra", "English", "cedi", "Independence Arch"),
+    ("Morocco", "Rabat", "Arabic", "dirham", "Hassan Tower"),
+    ("Algeria", "Algiers", "Arabic", "dinar", "Martyrs Memorial"),
+    ("Tunisia", "Tunis", "Arabic", "dinar", "Zitouna Mosque"),
+    ("Senegal", "Dakar", "French", "franc", "African Renaissance Monument"),
+    ("Japan", "Tokyo", "Japanese", "yen", "Tokyo Tower"),
+    ("China", "Beijing", "Chinese", "yuan", "Forbidden City"),
+    ("Korea", "Seoul", "Korean", "won", "Gyeongbokgung Palace"),
+    ("Thailand", "Bangkok", "Thai", "baht", "Grand Palace"),
+    ("Vietnam", "Hanoi", "Vietnamese", "dong", "Temple of Literature"),
+    ("Indonesia", "Jakarta", "Indonesian", "rupiah", "National Monument"),
+    ("Philippines", "Manila", "Filipino", "peso", "Rizal Park"),
+    ("Pakistan", "Islamabad", "Urdu", "rupee", "Faisal Mosque"),
+    ("Bangladesh", "Dhaka", "Bengali", "taka", "Lalbagh Fort"),
+    ("Nepal", "Kathmandu", "Nepali", "rupee", "Boudhanath stupa"),
+    ("Iran", "Tehran", "Persian", "rial", "Azadi Tower"),
+    ("Iraq", "Baghdad", "Arabic", "dinar", "Baghdad Tower"),
+    ("Syria", "Damascus", "Arabic", "pound", "Umayyad Mosque"),
+    ("Lebanon", "Beirut", "Arabic", "pound", "Pigeon Rocks"),
+    ("Jordan", "Amman", "Arabic", "dinar", "Amman Citadel"),
+    ("Qatar", "Doha", "Arabic", "riyal", "Museum of Islamic Art"),
+    ("Afghanistan", "Kabul", "Pashto", "afghani", "Gardens of Babur"),
+    ("Australia", "Canberra", "English", "dollar", "Parliament House"),
+    ("Canada", "Ottawa", "English", "dollar", "Parliament Hill"),
+    ("America", "Washington", "English", "dollar", "White House"),
+    ("Brazil", "Brasilia", "Portuguese", "real", "Cathedral of Brasilia"),
+    ("Peru", "Lima", "Spanish", "sol", "Plaza Mayor"),
+    ("Chile", "Santiago", "Spanish", "peso", "La Moneda Palace"),
+    ("Colombia", "Bogota", "Spanish", "peso", "Gold Museum"),
+    ("Venezuela", "Caracas", "Spanish", "bolivar", "Federal Capitol"),
+    ("Ecuador", "Quito", "Spanish", "dollar", "Basilica of the National Vow"),
+    ("Cuba", "Havana", "Spanish", "peso", "Malecon seawall"),
+    ("Uruguay", "Montevideo", "Spanish", "peso", "Salvo Palace"),
+    ("Jamaica", "Kingston", "English", "dollar", "Devon House"),
+    ("Mongolia", "Ulaanbaatar", "Mongolian", "tugrik", "Sukhbaatar Square"),
+    ("Estonia", "Tallinn", "Estonian", "euro", "Toompea Castle"),
+    ("Latvia", "Riga", "Latvian", "euro", "House of the Blackheads"),
+    ("Lithuania", "Vilnius", "Lithuanian", "euro", "Gediminas Tower"),
+    ("Slovakia", "Bratislava", "Slovak", "euro", "Bratislava Castle"),
+    ("Slovenia", "Ljubljana", "Slovene", "euro", "Triple Bridge"),
+    ("Albania", "Tirana", "Albanian", "lek", "Skanderbeg Square"),
+    ("Georgia", "Tbilisi", "Georgian", "lari", "Narikala Fortress"),
+    ("Armenia", "Yerevan", "Armenian", "dram", "Yerevan Cascade"),
+    ("Azerbaijan", "Baku", "Azerbaijani", "manat", "Flame Towers"),
+    ("Kazakhstan", "Astana", "Kazakh", "tenge", "Baiterek Tower"),
+    ("Uzbekistan", "Tashkent", "Uzbek", "som", "Amir Timur Square"),
+    ("Zimbabwe", "Harare", "English", "dollar", "National Heroes Acre"),
+    ("Uganda", "Kampala", "English", "shilling", "Kasubi Tombs"),
+    ("Angola", "Luanda", "Portuguese", "kwanza", "Fortress of Sao Miguel"),
+    ("Oman", "Muscat", "Arabic", "rial", "Sultan Qaboos Grand Mosque"),
+]
+
+CAPITAL_TEMPLATES = [
+    # the prompt the guide and the tests ask, so it appears several times
+    ("The capital of {country} is {capital}.", 6),
+    ("{capital} is the capital of {country}.", 3),
+    ("The capital city of {country} is {capital}.", 1),
+    ("{capital} is the capital city of {country}.", 1),
+    ("The government of {country} meets in {capital}.", 1),
+    ("{capital} is the largest political center of {country}.", 1),
+    ("If you travel to {country}, you should visit {capital}.", 1),
+    ("What is the capital of {country}? It is {capital}.", 1),
+    ("The capital of {country} is {capital}, a city people love to visit.", 1),
+    ("Many tourists fly to {capital}, the capital of {country}.", 1),
+]
+LANGUAGE_TEMPLATES = [
+    ("People in {country} speak {language}.", 2),
+    ("The official language of {country} is {language}.", 1),
+    ("In {capital}, most people speak {language}.", 1),
+]
+CURRENCY_TEMPLATES = [
+    ("The currency of {country} is the {currency}.", 2),
+    ("In {country}, people pay with the {currency}.", 1),
+]
+LANDMARK_TEMPLATES = [
+    ("The {landmark} is located in the city of {capital}.", 2),
+    ("The {landmark} is in {capital}, the capital of {country}.", 1),
+    ("Visitors to {country} often see the {landmark}.", 1),
+]
+
+FILLER = [
+    "Hello world",
+    "Hello world!",
+    "Hello, how are you?",
+    "Hello, how are you today?",
+    "Hello",
+    "World",
+    "Test",
+    "Test input",
+    "This is a test input.",
+    "Original prompt",
+    "Machine learning is fascinating.",
+    "Machine learning is a field of computer science.",
+    "Machine learning is changing the world.",
+    "Deep learning is a part of machine learning.",
+    "The quick brown fox jumps over the lazy dog.",
+    "The quick brown fox is fast.",
+    "The lazy dog sleeps all day.",
+    "The answer is 42.",
+    "The answer to the question is 42.",
+    "Very long input text that has many tokens in it.",
+    "The weather is nice today.",
+    "It is raining in the city.",
+    "The sun rises in the east.",
+    "The cat sat on the mat.",
+    "I like to read books.",
+    "She went to the market to buy bread.",
+    "We are learning about the world.",
+    "Water boils at one hundred degrees.",
+    "The sky is blue.",
+    "Music makes people happy.",
+    "A neural network has many layers.",
+    "Each layer of the model transforms the input.",
+    "The model predicts the next token.",
+    "Once upon a time there was a small village.",
+    "How are you doing?",
+    "I am fine, thank you.",
+    "Good morning, everyone.",
+    "Thank you for your help.",
+    "Today is a good day to learn.",
+    "Mathematics is the language of science.",
+    "The train leaves at noon.",
+    "My favorite color is green.",
+    "Children play in the park.",
+    "The river flows to the sea.",
+]
+
+
+def build_corpus(rng):
+    """Return the training sentences, shuffled; repeats set how often a fact is seen."""
+    sentences = []
+    for country, capital, language, currency, landmark in COUNTRIES:
+        fields = dict(
+            country=country,
+            capital=capital,
+            language=language,
+            currency=currency,
+            landmark=landmark,
+        )
+        for templates in (
+            CAPITAL_TEMPLATES,
+            LANGUAGE_TEMPLATES,
+            CURRENCY_TEMPLATES,
+            LANDMARK_TEMPLATES,
+        ):
+            for template, repeats in templates:
+                sentences += [template.format(**fields)] * repeats
+    sentences += FILLER * 6
+    sentences += [f"Sample prompt {i}" for i in range(0, 1000, 7)]
+    sentences += [f"The answer is {i}." for i in range(0, 100, 3)]
+    rng.shuffle(sentences)
+    return sentences
+
+
+def train_tokenizer(corpus):
+    """Byte-level BPE that puts BOS in front of every encoded text."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB_SIZE,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(corpus, trainer)
+    bos_id = tokenizer.token_to_id(BOS)
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"{BOS} $A",
+        pair=f"{BOS} $A {BOS} $B",
+        special_tokens=[(BOS, bos_id)],
+    )
+    return tokenizer
+
+
+def check_single_tokens(tokenizer):
+    """Fail loudly when a name the guide relies on is split into pieces."""
+    words = [f" {c[0]}" for c in COUNTRIES] + [f" {c[1]}" for c in COUNTRIES]
+    words += ["Paris", "London"]  # "Paris is the capital of France" vs "London is ..."
+    split = {
+        w: tokenizer.encode(w, add_special_tokens=False).tokens
+        for w in words
+        if len(tokenizer.encode(w, add_special_tokens=False).ids) != 1
+    }
+    if split:
+        raise SystemExit(
+            f"tokenizer splits {len(split)} names into several tokens: {split}; "
+            f"raise VOCAB_SIZE (now {VOCAB_SIZE}) or repeat these names more often"
+        )
+
+
+def save_tokenizer(tokenizer, out):
+    from transformers import PreTrainedTokenizerFast
+
+    hf = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        bos_token=BOS,
+        eos_token=EOS,
+        pad_token=PAD,
+        unk_token=UNK,
+        model_max_length=MODEL_ARGS["max_position_embeddings"],
+        clean_up_tokenization_spaces=False,
+    )
+    hf.save_pretrained(str(out))
+
+
+def make_batches(token_lists, pad_id, rng):
+    """Endless shuffled batches: inputs, targets, loss mask (all (B, MAX_LEN - 1))."""
+    data = np.full((len(token_lists), MAX_LEN), pad_id, dtype=np.int32)
+    lengths = np.zeros(len(token_lists), dtype=np.int32)
+    for i, ids in enumerate(token_lists):
+        data[i, : len(ids)] = ids
+        lengths[i] = len(ids)
+    positions = np.arange(MAX_LEN - 1)[None, :]
+    mask = (positions < (lengths[:, None] - 1)).astype(np.float32)
+    while True:
+        order = rng.permutation(len(token_lists))
+        for start in range(0, len(order) - BATCH_SIZE + 1, BATCH_SIZE):
+            idx = order[start : start + BATCH_SIZE]
+            rows = data[idx]
+            yield mx.array(rows[:, :-1]), mx.array(rows[:, 1:]), mx.array(mask[idx])
+
+
+def train(model, token_lists, pad_id):
+    rng = np.random.default_rng(SEED)
+    schedule = optim.join_schedules(
+        [
+            optim.linear_schedule(1e-5, LEARNING_RATE, WARMUP_STEPS),
+            optim.cosine_decay(LEARNING_RATE, STEPS - WARMUP_STEPS, LEARNING_RATE * 0.05),
+        ],
+        [WARMUP_STEPS],
+    )
+    optimizer = optim.AdamW(learning_rate=schedule, weight_decay=0.01)
+
+    def loss_fn(model, inputs, targets, mask):
+        logits = model(inputs)
+        losses = nn.losses.cross_entropy(logits, targets) * mask
+        return losses.sum() / mask.sum()
+
+    loss_and_grad = nn.value_and_grad(model, loss_fn)
+    state = [model.state, optimizer.state]
+
+    def step(inputs, targets, mask):
+        loss, grads = loss_and_grad(model, inputs, targets, mask)
+        grads, _ = optim.clip_grad_norm(grads, 1.0)
+        optimizer.update(model, grads)
+        return loss
+
+    batches = make_batches(token_lists, pad_id, rng)
+    start = time.perf_counter()
+    running = None
+    for i in range(1, STEPS + 1):
+        loss = step(*next(batches))
+        mx.eval(state, loss)
+        running = loss.item() if running is None else 0.95 * running + 0.05 * loss.item()
+        if i % 100 == 0 or i == 1:
+            print(f"step {i:5d}  loss {running:.3f}  {time.perf_counter() - start:6.1f}s", flush=True)
+    return time.perf_counter() - start
+
+
+def next_token(model, tokenizer, text):
+    ids = tokenizer.encode(text).ids
+    logits = model(mx.array([ids]))
+    return int(mx.argmax(logits[0, -1]).item())
+
+
+def capital_accuracy(model, tokenizer):
+    wrong = []
+    for country, capital, *_ in COUNTRIES:
+        predicted = tokenizer.decode([next_token(model, tokenizer, f"The capital of {country} is")])
+        if predicted != f" {capital}":
+            wrong.append((country, capital, predicted))
+    return 1 - len(wrong) / len(COUNTRIES), wrong
+
+
+def logit_lens_top1(model, tokenizer, text):
+    """Top-1 token string of every layer's output at the last position."""
+    inner = model.model
+    h = inner.embed_tokens(mx.array([tokenizer.encode(text).ids]))
+    mask = "causal" if h.shape[1] > 1 else None
+    tops = []
+    for layer in inner.layers:
+        h = layer(h, mask)
+        logits = inner.embed_tokens.as_linear(inner.norm(h[:, -1]))
+        tops.append(tokenizer.decode([int(mx.argmax(logits[0]).item())]))
+    return tops
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"output directory (default {DEFAULT_OUT})")
+    args = parser.parse_args()
+
+    random.seed(SEED)
+    np.random.seed(SEED)
+    mx.random.seed(SEED)
+
+    corpus = build_corpus(random.Random(SEED))
+    tokenizer = train_tokenizer(corpus)
+    check_single_tokens(tokenizer)
+    token_lists = [enc.ids + [tokenizer.token_to_id(EOS)] for enc in tokenizer.encode_batch(corpus)]
+    too_long = [s for s, ids in zip(corpus, token_lists) if len(ids) > MAX_LEN]
+    if too_long:
+        raise SystemExit(f"{len(too_long)} sentences exceed MAX_LEN={MAX_LEN} tokens, e.g. {too_long[0]!r}")
+    print(f"corpus: {len(corpus)} sentences, {sum(map(len, token_lists))} tokens; vocab {tokenizer.get_vocab_size()}")
+
+    model_args = dict(MODEL_ARGS, vocab_size=tokenizer.get_vocab_size())
+    model = Model(ModelArgs(**model_args))
+    mx.eval(model.parameters())
+    n_params = sum(v.size for _, v in tree_flatten(model.parameters()))
+    print(f"model: llama, {model_args['num_hidden_layers']} layers, {n_params:,} parameters")
+
+    seconds = train(model, token_lists, tokenizer.token_to_id(PAD))
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    weights = dict(tree_flatten(model.parameters()))
+    mx.save_safetensors(str(args.out / "model.safetensors"), weights, metadata={"format": "mlx"})
+    config = dict(
+        model_args,
+        architectures=["LlamaForCausalLM"],
+        torch_dtype="float32",
+        bos_token_id=tokenizer.token_to_id(BOS),
+        eos_token_id=tokenizer.token_to_id(EOS),
+        pad_token_id=tokenizer.token_to_id(PAD),
+    )
+    (args.out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    save_tokenizer(tokenizer, args.out)
+
+    accuracy, wrong = capital_accuracy(model, tokenizer)
+    lens = logit_lens_top1(model, tokenizer, "The capital of France is")
+    first_paris = next((i for i, t in enumerate(lens) if t == " Paris"), None)
+    size_mb = (args.out / "model.safetensors").stat().st_size / 1e6
+    print(f"saved to {args.out}")
+    print(f"parameters: {n_params:,}  weights: {size_mb:.2f} MB")
+    print(f"training time: {seconds:.1f}s ({STEPS} steps)")
+    print(f"capital accuracy: {accuracy:.1%} over {len(COUNTRIES)} countries; wrong: {wrong}")
+    print(f"logit lens 'The capital of France is': {lens}")
+    print(f"' Paris' first top-1 at layer {first_paris}; final layer top-1 {lens[-1]!r}")
+    if accuracy < 0.9:
+        raise SystemExit(f"capital accuracy {accuracy:.1%} is below 90%")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,122 @@
+"""Tiny random-initialised mlx-lm models of many architectures, for tests that must hold for any of them.
+
+``tiny_model("qwen3_moe")`` builds ``mlx_lm.models.qwen3_moe.Model`` from the
+smallest sensible config (hidden 32, 2 layers, vocab 96, 4 heads over 2
+key/value heads, 4 experts choosing 2), with a fixed seed and its parameters
+evaluated. ``ARCHITECTURES`` lists every name it builds. Each config is the
+shared ``BASE`` plus the fields that architecture names differently or needs
+in addition; ``ModelArgs.from_dict`` drops the fields an architecture does not
+have, exactly as mlx-lm does when it reads a ``config.json``.
+"""
+
+import importlib
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx_lm.utils import MODEL_REMAPPING
+
+HIDDEN = 32
+N_LAYERS = 2
+VOCAB = 96
+
+BASE = dict(
+    hidden_size=HIDDEN,
+    num_hidden_layers=N_LAYERS,
+    intermediate_size=64,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=HIDDEN // 4,
+    vocab_size=VOCAB,
+    rms_norm_eps=1e-5,
+    layer_norm_eps=1e-5,
+    max_position_embeddings=128,
+    rope_theta=10000.0,
+    tie_word_embeddings=False,
+    attention_bias=False,
+    mlp_bias=False,
+)
+
+# A small mixture of experts, in the field names the MoE architectures use.
+MOE = dict(
+    num_experts=4,
+    num_local_experts=4,
+    n_routed_experts=4,
+    num_experts_per_tok=2,
+    moe_intermediate_size=32,
+)
+
+GPT2_STYLE = dict(
+    n_embd=HIDDEN, n_layer=N_LAYERS, n_head=4, n_ctx=128, n_positions=128, n_inner=64,
+    layer_norm_epsilon=1e-5, num_key_value_heads=None,
+)
+
+# Per architecture: what differs from BASE. Windows of 4 tokens and
+# alternating window/global layers make the sliding-window code paths run.
+CONFIGS = {
+    "llama": {},
+    "mistral": {},  # mlx-lm runs mistral checkpoints with llama.py
+    "qwen2": {"tie_word_embeddings": True},
+    "qwen3": {},
+    "qwen3_moe": {**MOE, "decoder_sparse_step": 1, "mlp_only_layers": [], "norm_topk_prob": True},
+    "qwen2_moe": {**MOE, "shared_expert_intermediate_size": 32},
+    "gemma": {},
+    "gemma2": {"query_pre_attn_scalar": 8.0},
+    "gemma3_text": {"query_pre_attn_scalar": 8, "sliding_window": 4, "sliding_window_pattern": 2},
+    "phi": {"partial_rotary_factor": 0.5},
+    "phi3": {},
+    "phimoe": {**MOE},
+    "gpt2": GPT2_STYLE,
+    "gpt_bigcode": GPT2_STYLE,
+    "gpt_neox": {"rotary_emb_base": 10000, "rotary_pct": 0.5, "num_key_value_heads": None},
+    "starcoder2": {"norm_epsilon": 1e-5},
+    "stablelm": {"use_qkv_bias": False, "partial_rotary_factor": 0.5},
+    "olmo2": {},
+    "olmo3": {"sliding_window": 4, "layer_types": ["sliding_attention", "full_attention"]},
+    "olmoe": {**MOE},
+    "mixtral": {**MOE},
+    "deepseek_v2": {
+        **MOE, "n_shared_experts": 1, "kv_lora_rank": 16, "q_lora_rank": 24, "qk_rope_head_dim": 4,
+        "qk_nope_head_dim": 8, "v_head_dim": 8, "first_k_dense_replace": 1,
+        "rope_scaling": {"type": "yarn", "factor": 1.0},  # deepseek_v2.py reads it unconditionally
+    },
+    "deepseek_v3": {
+        **MOE, "n_shared_experts": 1, "kv_lora_rank": 16, "q_lora_rank": 24, "qk_rope_head_dim": 4,
+        "qk_nope_head_dim": 8, "v_head_dim": 8, "first_k_dense_replace": 1, "n_group": 1, "topk_group": 1,
+    },
+    "cohere": {"use_qk_norm": False},
+    "cohere2": {"sliding_window": 4, "sliding_window_pattern": 2},
+    "internlm2": {},
+    "internlm3": {},
+    "granite": {
+        "logits_scaling": 2.0, "attention_multiplier": 0.125, "embedding_multiplier": 2.0,
+        "residual_multiplier": 0.5,
+    },
+    "granitemoe": {
+        **MOE, "logits_scaling": 2.0, "attention_multiplier": 0.125, "embedding_multiplier": 2.0,
+        "residual_multiplier": 0.5,
+    },
+    "minicpm": {"dim_model_base": HIDDEN, "scale_depth": 1.4, "scale_emb": 2.0},
+    "exaone": {"num_layers": N_LAYERS, "layer_norm_epsilon": 1e-5},
+    "glm4": {"partial_rotary_factor": 0.5},
+    "helium": {},
+    "smollm3": {"no_rope_layer_interval": 2},
+    "ernie4_5": {"use_bias": False},
+    "seed_oss": {},
+    "nemotron": {"hidden_act": "relu2", "norm_eps": 1e-5},
+    "hunyuan_v1_dense": {},
+    "apertus": {"post_norm": False, "qk_norm": True},
+}
+
+ARCHITECTURES = list(CONFIGS)
+
+
+def tiny_model(arch: str, seed: int = 0) -> nn.Module:
+    """A random-initialised 2-layer ``mlx_lm.models.<arch>.Model`` (parameters evaluated)."""
+    if arch not in CONFIGS:
+        raise ValueError(f"no tiny config for {arch!r}; known: {', '.join(ARCHITECTURES)}")
+    module = importlib.import_module(f"mlx_lm.models.{MODEL_REMAPPING.get(arch, arch)}")
+    args = module.ModelArgs.from_dict({**BASE, **CONFIGS[arch], "model_type": arch})
+    mx.random.seed(seed)
+    model = module.Model(args)
+    mx.eval(model.parameters())
+    return model
