@@ -19,7 +19,8 @@ console = Console()
 
 
 def token_table(model, text):
-    table = Table(title=f"Tokens of {text!r}")
+    console.print(f"\n[bold]Tokens[/] of {text!r}")
+    table = Table()
     table.add_column("position", justify="right")
     table.add_column("id", justify="right")
     table.add_column("token")
@@ -50,7 +51,8 @@ def activation_table(model, text, layer, word):
     with model.trace(text):
         hidden = model.layers[layer].output.save()
     vector = hidden[0, position].astype(mx.float32)
-    table = Table(title=f"layers.{layer} output at {word!r} (position {position}) of {text!r}")
+    console.print(f"\n[bold]Saved activation[/]: layers.{layer} output at {word!r} (position {position}) of {text!r}")
+    table = Table()
     for column in ("shape", "norm", "mean", "std"):
         table.add_column(column, justify="right")
     table.add_row(
@@ -64,7 +66,8 @@ def activation_table(model, text, layer, word):
 
 def logit_lens_table(model, text):
     lens = model.logit_lens(text, top_k=1, position=-1)
-    table = Table(title=f"Logit lens: top-1 prediction after {text!r}, by layer")
+    console.print(f"\n[bold]Logit lens[/]: top-1 prediction after {text!r}, by layer")
+    table = Table()
     table.add_column("layer", justify="right")
     table.add_column("prediction")
     table.add_column("score", justify="right")
@@ -76,7 +79,8 @@ def logit_lens_table(model, text):
 
 def patching_table(model, clean, corrupted, component="mlp"):
     recovery = model.activation_patching(clean, corrupted, component=component)
-    table = Table(title=f"Activation patching of {component}: clean {clean!r}, corrupted {corrupted!r}")
+    console.print(f"\n[bold]Activation patching[/] of {component}: clean {clean!r}, corrupted {corrupted!r}")
+    table = Table()
     table.add_column("layer", justify="right")
     table.add_column("recovery %", justify="right")
     table.add_column("")

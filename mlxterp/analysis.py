@@ -143,7 +143,7 @@ def logit_lens(model, text, layers: Optional[Iterable[int]] = None, top_k: int =
 def activation_patching(model, clean_text, corrupted_text, component: Optional[str] = "mlp",
                         layers: Optional[Iterable[int]] = None, metric: str = "l2",
                         positions: Union[None, str, Sequence[int]] = None,
-                        answers: Optional[Sequence] = None, batch_size: int = 16,
+                        answers: Optional[Sequence] = None, batch_size: int = 32,
                         plot: bool = False, save_path: Optional[str] = None):
     """Patch each layer's ``component`` from the clean run into the corrupted run.
 
@@ -211,7 +211,8 @@ def activation_patching(model, clean_text, corrupted_text, component: Optional[s
 
         label = component or "layer"
         path = plot_patching(results, title=f"Activation patching: {label} ({metric})",
-                             position_labels=[model.token_to_str(t) for t in corrupted_tokens],
+                             position_labels=([model.token_to_str(t) for t in corrupted_tokens]
+                                              if model.tokenizer is not None else None),
                              save_path=save_path)
         print(f"Saved the patching plot to {path}")
     return results

@@ -43,7 +43,7 @@ def get_attention_patterns(model, inputs, layers: Optional[Union[int, Iterable[i
 
     with model.trace(inputs, capture=list(attention_names.values())) as tr:
         attention_inputs = {layer: model.layers[layer].attn.input.save() for layer in layers}
-    left_padding = _left_padding(tr.tokens, next(iter(attention_inputs.values())).shape[1])
+    left_padding = tr.padding or None
 
     patterns = {}
     for layer in layers:
@@ -123,12 +123,6 @@ def attention_mask(length: int, left_padding: Optional[Sequence[int]] = None,
     if left_padding is not None:
         allowed = allowed & (mx.array(left_padding)[:, None, None, None] <= key)
     return allowed
-
-
-def _left_padding(tokens, length: int) -> Optional[list]:
-    if not tokens:
-        return None
-    return [length - len(row) for row in tokens]
 
 
 def _sliding_window(model, block) -> Optional[int]:

@@ -47,7 +47,7 @@ class InterpretableModel(TokenizerHelpers):
     @property
     def hidden_size(self) -> int | None:
         args = getattr(self.model, "args", None)
-        for attr in ("hidden_size", "n_embd", "d_model", "dim"):
+        for attr in ("hidden_size", "n_embd", "d_model", "dim", "model_dim"):
             if hasattr(args, attr):
                 return int(getattr(args, attr))
         embed = self.names.find("embed")

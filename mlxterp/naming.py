@@ -24,10 +24,11 @@ OUTPUT = "output"
 
 # What architectures call the pieces a researcher names with one word.
 ALIASES = {
-    "attn": ("self_attn", "attention", "attn", "self_attention", "mixer"),
+    "attn": ("self_attn", "attention", "attn", "self_attention", "mixer", "linear_attn"),
     "mlp": ("mlp", "feed_forward", "ffn", "block_sparse_moe", "moe"),
-    "embed": ("embed_tokens", "wte", "tok_embeddings", "embed_in", "word_embeddings", "embedding", "embeddings"),
-    "norm": ("norm", "ln_f", "final_layernorm", "final_layer_norm", "norm_f", "final_norm"),
+    "embed": ("embed_tokens", "wte", "tok_embeddings", "embed_in", "word_embeddings", "embedding", "embeddings",
+              "token_embeddings"),
+    "norm": ("norm", "ln_f", "final_layernorm", "final_layer_norm", "norm_f", "final_norm", "embedding_norm"),
     "lm_head": ("lm_head", "embed_out", "output"),
 }
 LAYER_CONTAINERS = ("layers", "h", "blocks", "layer")
@@ -127,20 +128,27 @@ class ModuleNames:
         if not isinstance(name, str) or not name.strip():
             raise UnknownModuleError(str(name), self.suggest("layers.0"), "a module name is a non-empty string")
         name = name.strip()
-        if name in self.modules or name == OUTPUT:
+        if name == OUTPUT:
             return name
+        if name in self.modules:
+            return self._called_module(name)
         if name == "logits":
             return OUTPUT
         layer_form = self._resolve_layer_form(name)
         if layer_form:
             return layer_form
+        ambiguous = []
         for candidate in self._alias_variants(name.split(".")):
             found = self._suffix_matches(candidate)
-            if len(found) == 1:
-                return found[0]
-            if len(found) > 1:
-                shorts = [self.short(f) for f in found]
-                raise UnknownModuleError(name, shorts[:6], f"ambiguous: it names {len(found)} modules")
+            # "norm" is the final norm even where blocks hold a norm too (mamba, qwen3_next).
+            outside = [f for f in found if self.layer_index(f) is None]
+            if len(found) == 1 or len(outside) == 1:
+                return self._called_module(found[0] if len(found) == 1 else outside[0])
+            if found and not ambiguous:
+                ambiguous = found
+        if ambiguous:
+            shorts = [self.short(f) for f in ambiguous]
+            raise UnknownModuleError(name, shorts[:6], f"ambiguous: it names {len(ambiguous)} modules")
         raise UnknownModuleError(name, self.suggest(name))
 
     def _resolve_layer_form(self, name: str) -> str | None:
@@ -166,11 +174,22 @@ class ModuleNames:
             for variant in self._alias_variants(rest):
                 full = base + "." + variant
                 if full in self.modules:
-                    return full
+                    return self._called_module(full)
             children = [self.short(f) for f in self.modules if f.startswith(base + ".")]
             close = difflib.get_close_matches(self.short(base) + "." + ".".join(rest), children, n=5, cutoff=0.5)
             raise UnknownModuleError(name, close or children[:8])
         return None
+
+    def _called_module(self, full: str) -> str:
+        """A container that is never called itself (exaone's ``attn`` holds ``attention``): its one child."""
+        module = self.modules[full]
+        while not callable(module):
+            children = [k for k, v in module.children().items() if isinstance(v, nn.Module)]
+            if len(children) != 1:
+                break
+            full = f"{full}.{children[0]}"
+            module = self.modules[full]
+        return full
 
     def _alias_variants(self, parts: list[str]) -> list[str]:
         """The name with each alias word replaced by the names architectures use for it."""

@@ -304,13 +304,15 @@ def prepare_inputs(model, inputs):
 
 
 LEARNED_POSITIONS = {"gpt2", "gpt_bigcode", "opt", "starcoder", "bloom"}
+# gemma2 adds a (B, 1, L, S) padding mask to (B, kv_heads, repeats, L, S) scores: B lines up with kv_heads.
+NO_LEFT_PADDING = LEARNED_POSITIONS | {"gemma2"}
 
 
 def supports_left_padding(base) -> bool:
     """True when one padded forward pass with mlx-lm's BatchKVCache equals per-prompt passes."""
     from mlx_lm.models.cache import KVCache
 
-    if getattr(base, "model_type", None) in LEARNED_POSITIONS or not hasattr(base, "layers"):
+    if getattr(base, "model_type", None) in NO_LEFT_PADDING or not hasattr(base, "layers"):
         return False
     try:
         cache = base.make_cache() if hasattr(base, "make_cache") else [KVCache() for _ in base.layers]
@@ -354,6 +356,13 @@ def merge_groups(results, padding):
         names = set.intersection(*[set(d) for d in key_values])
         merged = {}
         for name in names:
+            arrays = [values[name] for values in key_values]
+            # Only arrays whose axis 1 is the sequence (length + padding is the same in every
+            # group) are padded; (batch, heads, length, dim) and the like are left out.
+            if any(not isinstance(a, mx.array) or a.ndim < 2 for a in arrays) or len(
+                {a.shape[1] + padding[rows[0]] for a, (rows, _, _) in zip(arrays, results)}
+            ) != 1:
+                continue
             pieces = [None] * n_rows
             ok = True
             for (rows, _, _), values in zip(results, key_values):

@@ -19,12 +19,12 @@ from mlxterp_repl import blas
 
 # name, what it does (shown in `mlxterp --help`), "module:function" or None while not written
 COMMANDS = [
-    ("run", "run a .mlxq script and print its results", None),
-    ("serve", "start the daemon that holds a model in memory", None),
-    ("status", "show whether the daemon runs, its model and clients", None),
-    ("stop", "stop the daemon", None),
-    ("repl", "interactive prompt connected to the daemon", None),
-    ("lsp", "language server for editors (stdio)", None),
+    ("run", "run a .mlxq script and print its results", "mlxterp_repl.runner:main"),
+    ("serve", "start the daemon that holds a model in memory", "mlxterp_repl.daemon:serve_main"),
+    ("status", "show whether the daemon runs, its model and clients", "mlxterp_repl.client:status_main"),
+    ("stop", "stop the daemon", "mlxterp_repl.client:stop_main"),
+    ("repl", "interactive prompt connected to the daemon", "mlxterp_repl.repl:main"),
+    ("lsp", "language server for editors (stdio)", "mlxterp_lsp.server:main"),
     ("collect", "save activations of many prompts to files", None),
 ]
 

@@ -32,7 +32,6 @@ import traceback
 import uuid
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 from mlxterp_repl import paths as daemon_files
 from mlxterp_repl import protocol as p
@@ -99,7 +98,8 @@ class Daemon:
         # model state, written by the worker, read by the loop
         self.model = None
         self.trace_cache = None
-        self.module_info: list[dict] = []
+        self.module_infos: dict[int, list[dict]] = {}  # id(model) -> model.module_info(), read on the loop
+        self.output_shapes: dict[str, list[int]] = {}  # full module name -> output shape of the latest trace
         self.load_state = "loading"
         self.load_progress = 0.0
         self.load_message = "starting"
@@ -209,10 +209,10 @@ class Daemon:
             self.set_load("loading", 0.3, f"loading model {self.model_spec}")
             model = InterpretableModel(self.model_spec)
             self.set_load("loading", 0.8, "reading the module tree")
-            self.module_info = model.module_info()
-            from mlxterp_repl.dsl.evaluator import TraceCache
+            self.module_infos[id(model)] = model.module_info()
+            from mlxterp_repl.dsl.evaluator import Session, TraceCache  # noqa: F401 (imported here, off the loop)
 
-            self.trace_cache = make_trace_cache(TraceCache, self.cache_bytes)
+            self.trace_cache = TraceCache(budget_bytes=self.cache_bytes)
             self.model = model
             self.set_load("ready", 1.0, f"model {self.model_spec} ready")
         except BaseException as exc:  # noqa: BLE001 -- any failure must reach the clients, not kill the daemon
@@ -227,6 +227,15 @@ class Daemon:
                               fraction=self.load_progress))
         if self.load_state in ("ready", "failed") and not self.model_ready.done():
             self.model_ready.set_result(self.load_state)
+
+    async def need_session(self, conn: Connection, request_id):
+        """The connection's session (made at first need), once the model is loaded."""
+        await self.need_model(conn, request_id)
+        if conn.session is None:
+            from mlxterp_repl.dsl import Session
+
+            conn.session = Session(self.model)
+        return conn.session
 
     async def need_model(self, conn: Connection, request_id):
         if not self.model_ready.done():
@@ -397,7 +406,7 @@ class Daemon:
         if self.model is not None:
             stats["forward_count"] = int(getattr(self.model, "forward_count", 0))
         if self.trace_cache is not None:
-            stats["cache"] = cache_stats(self.trace_cache, self.cache_bytes)
+            stats["cache"] = cache_stats(self.trace_cache)
         return stats
 
     def op_interrupt(self, conn, message) -> dict:
@@ -431,50 +440,51 @@ class Daemon:
         return {"stopping": True}
 
     async def op_modules(self, conn, message) -> dict:
-        model = await self.need_model(conn, message["id"])
-        shapes = output_shapes(self.trace_cache)
+        model = (await self.need_session(conn, message["id"])).model
+        shapes = self.output_shapes
         modules = []
-        for info in self.module_info:
+        for info in self.module_infos.get(id(model), []):
             entry = dict(info)
-            shape = shapes.get(info.get("full_name")) or shapes.get(info.get("name"))
-            if shape is not None:
-                entry["shape"] = list(shape)
+            if info.get("full_name") in shapes:
+                entry["shape"] = shapes[info["full_name"]]
             modules.append(entry)
         return {"modules": modules, "n_layers": model.n_layers, "hidden_size": model.hidden_size}
 
     async def op_tokens(self, conn, message) -> dict:
-        model = await self.need_model(conn, message["id"])
         text = message.get("text")
         if text is not None and not isinstance(text, str):
-            raise p.ProtocolError(p.BAD_REQUEST, "'text' must be a string (or absent for the session's prompt)")
+            raise p.ProtocolError(p.BAD_REQUEST, "'text' must be a string (or absent for the session's prompt)",
+                                  field="text")
+        session = await self.need_session(conn, message["id"])
+        model = session.model
         if text is None:
-            text = session_prompt(conn.session)
+            text = session.prompt
             if text is None:
                 return {"text": None, "ids": [], "strings": []}
         if model.tokenizer is None:
             raise p.ProtocolError(p.BAD_REQUEST, "this model has no tokenizer")
         ids = model.encode(text)
-        return {"text": text, "ids": list(ids), "strings": [model.token_to_str(i) for i in ids]}
+        return {"text": text, "ids": list(ids), "strings": model.token_strings(ids)}
 
     async def op_complete(self, conn, message) -> dict:
         code, offset = code_and_offset(message)
-        model = await self.need_model(conn, message["id"])
+        session = await self.need_session(conn, message["id"])
         from mlxterp_repl.dsl import complete
 
-        items = complete(code, offset, self.completion_context(conn, model))
-        return {"items": [{"label": c.label, "kind": c.kind, "detail": c.detail, "insert_text": c.insert_text}
-                          for c in items]}
+        items = complete(code, offset, self.completion_context(session))
+        return {"items": [{"label": c.label, "kind": c.kind, "detail": c.detail, "insert_text": c.insert_text,
+                           "start": c.start} for c in items]}
 
     async def op_hover(self, conn, message):
         code, offset = code_and_offset(message)
-        model = await self.need_model(conn, message["id"])
-        return hover_text(code, offset, self.module_info, output_shapes(self.trace_cache), conn.session, model)
+        session = await self.need_session(conn, message["id"])
+        return hover_text(code, offset, self.module_infos.get(id(session.model), []), self.output_shapes, session)
 
     async def op_exec(self, conn, message) -> None:
         request_id = message["id"]
         code = require(message, "code", str)
         full = bool(message.get("full", False))
-        await self.need_model(conn, request_id)
+        await self.need_session(conn, request_id)
         job = Job(request_id)
         conn.jobs[request_id] = job
         self.queued += 1
@@ -495,17 +505,17 @@ class Daemon:
         if job.stop.is_set():
             return [], p.ProtocolError(p.INTERRUPTED, "interrupted before it started")
         from mlxterp.errors import Interrupted, MlxterpError
-        from mlxterp_repl.dsl import QueryError, Session
-
-        if conn.session is None:
-            conn.session = Session(self.model)
+        from mlxterp_repl.dsl import QueryError
 
         def on_progress(*args, **kwargs):
             self.loop.call_soon_threadsafe(conn.send, p.reply(job.request_id, p.PROGRESS, **progress_fields(args, kwargs)))
 
         try:
-            results = conn.session.execute(code, should_stop=job.stop.is_set, on_progress=on_progress,
-                                           trace_cache=self.trace_cache)
+            try:
+                results = conn.session.execute(code, should_stop=job.stop.is_set, on_progress=on_progress,
+                                               trace_cache=self.trace_cache)
+            finally:
+                self.note_model(conn.session.model)
             return [r.to_data() for r in results], None
         except Interrupted:
             return [], p.ProtocolError(p.INTERRUPTED, "interrupted")
@@ -520,6 +530,14 @@ class Daemon:
             log(traceback.format_exc())
             return [], p.ProtocolError(p.INTERNAL, f"{type(exc).__name__}: {exc}")
 
+    def note_model(self, model) -> None:
+        """On the worker, after a query: the module tree of a newly loaded model, the latest shapes."""
+        if model is not None and id(model) not in self.module_infos:
+            self.module_infos[id(model)] = model.module_info()
+        shapes = latest_shapes(self.trace_cache)
+        if shapes:
+            self.output_shapes = shapes
+
     def shrink(self, conn: Connection, data, full: bool):
         """Big arrays leave as a handle + statistics; the client fetches the bytes on demand."""
         if full:
@@ -533,17 +551,17 @@ class Daemon:
 
         return p.walk_arrays(data, on_array)
 
-    def completion_context(self, conn: Connection, model):
+    def completion_context(self, session):
+        """What completion knows, from plain data: never runs the model, never changes the session.
+        (Not session.completion_context(): that walks the module tree, which a running trace may be wrapping.)"""
         from mlxterp_repl.dsl import CompletionContext
 
-        session = conn.session
-        variables = list(session_variables(session))
-        prompt = session_prompt(session)
+        model = session.model
         prompt_tokens = []
-        if prompt is not None and model.tokenizer is not None:
-            prompt_tokens = [model.token_to_str(i) for i in model.encode(prompt)]
-        return CompletionContext(modules=self.module_info, n_layers=model.n_layers, variables=variables,
-                                 prompt_tokens=prompt_tokens)
+        if session.prompt is not None and model.tokenizer is not None:
+            prompt_tokens = model.token_strings(model.encode(session.prompt))
+        return CompletionContext(modules=self.module_infos.get(id(model), []), n_layers=model.n_layers,
+                                 variables=list(session.variables), prompt_tokens=prompt_tokens)
 
 
 # --- helpers -----------------------------------------------------------------
@@ -589,59 +607,24 @@ def progress_fields(args, kwargs) -> dict:
     return fields
 
 
-def session_variables(session) -> list[str]:
-    if session is None:
-        return []
-    variables = getattr(session, "variables", None)
-    if variables is None:
-        return []
-    return [name if name.startswith("$") else f"${name}" for name in list(variables)]
+def cache_stats(cache) -> dict:
+    return {"entries": len(cache), "bytes": cache.used_bytes, "budget": cache.budget_bytes,
+            "hits": cache.hits, "misses": cache.misses}
 
 
-def session_prompt(session) -> str | None:
-    prompt = getattr(session, "prompt", None) if session is not None else None
-    return prompt if isinstance(prompt, str) else None
-
-
-def make_trace_cache(cache_class, budget_bytes: int):
-    for kwargs in ({"budget_bytes": budget_bytes}, {"max_bytes": budget_bytes}):
-        try:
-            return cache_class(**kwargs)
-        except TypeError:
-            continue
-    return cache_class(budget_bytes)
-
-
-def cache_stats(cache, budget: int) -> dict:
-    stats = {"budget": budget}
-    for key in ("hits", "misses", "bytes", "entries", "nbytes"):
-        value = getattr(cache, key, None)
-        if isinstance(value, (int, float)):
-            stats[key] = value
-    if "entries" not in stats:
-        try:
-            stats["entries"] = len(cache)
-        except TypeError:
-            pass
-    return stats
-
-
-def output_shapes(cache) -> dict:
-    """Output shapes of modules seen in cached traces (name -> shape), if the cache tells."""
-    if cache is None:
+def latest_shapes(cache) -> dict[str, list[int]]:
+    """Output shapes (full name -> shape) of the most recently used trace in the cache."""
+    entries = getattr(cache, "_entries", None)  # TraceCache keeps {key: (activations, nbytes)}, newest last
+    if not entries:
         return {}
-    shapes = getattr(cache, "shapes", None)
-    try:
-        found = shapes() if callable(shapes) else shapes
-    except Exception:
-        return {}
-    return dict(found) if found else {}
+    activations, _nbytes = next(reversed(entries.values()))
+    return {name: [int(n) for n in array.shape] for name, array in activations.items()}
 
 
 _WORD = re.compile(r"[$A-Za-z0-9_.\[\],*-]+")
 
 
-def hover_text(code: str, offset: int, module_info, shapes, session, model):
+def hover_text(code: str, offset: int, module_info, shapes, session):
     """What a hover shows for the word under `offset`: a module, a $variable, or nothing."""
     for match in _WORD.finditer(code):
         if match.start() <= offset <= match.end():
@@ -650,14 +633,12 @@ def hover_text(code: str, offset: int, module_info, shapes, session, model):
     else:
         return None
     if word.startswith("$"):
-        variables = getattr(session, "variables", None) or {}
-        value = variables.get(word, variables.get(word[1:])) if hasattr(variables, "get") else None
+        value = session.variables.get(word[1:])
         if value is None:
             return {"text": f"`{word}`: not set in this session", "word": word}
-        summary = value.summary() if hasattr(value, "summary") else type(value).__name__
-        return {"text": f"`{word}`: {summary}", "word": word}
+        return {"text": f"`{word}`: {value.summary(80)}", "word": word}
     try:
-        full = model.resolve(word)
+        full = session.model.resolve(word)
     except Exception:
         return None
     info = next((m for m in module_info if m.get("full_name") == full), None)

@@ -3,7 +3,8 @@
 ``tiny_model("qwen3_moe")`` builds ``mlx_lm.models.qwen3_moe.Model`` from the
 smallest sensible config (hidden 32, 2 layers, vocab 96, 4 heads over 2
 key/value heads, 4 experts choosing 2), with a fixed seed and its parameters
-evaluated. ``ARCHITECTURES`` lists every name it builds. Each config is the
+evaluated. ``ARCHITECTURES`` lists every name it builds (``TRANSFORMERS`` those
+with softmax attention in every layer). Each config is the
 shared ``BASE`` plus the fields that architecture names differently or needs
 in addition; ``ModelArgs.from_dict`` drops the fields an architecture does not
 have, exactly as mlx-lm does when it reads a ``config.json``.
@@ -105,9 +106,49 @@ CONFIGS = {
     "nemotron": {"hidden_act": "relu2", "norm_eps": 1e-5},
     "hunyuan_v1_dense": {},
     "apertus": {"post_norm": False, "qk_norm": True},
+    "gptj": {**GPT2_STYLE, "rotary_dim": 4},
+    "gpt_oss": {**MOE, "sliding_window": 4, "layer_types": ["sliding_attention", "full_attention"]},
+    "llama4_text": {"intermediate_size_mlp": 64, "no_rope_layers": [1, 0], "use_qk_norm": True},
+    "glm4_moe": {
+        **MOE, "norm_topk_prob": True, "n_group": 1, "topk_group": 1, "n_shared_experts": 1,
+        "routed_scaling_factor": 1.0, "first_k_dense_replace": 1, "rope_scaling": None, "use_qk_norm": True,
+        "partial_rotary_factor": 0.5,
+    },
+    "dots1": {
+        **MOE, "first_k_dense_replace": 1, "n_shared_experts": 1, "norm_topk_prob": True,
+        "routed_scaling_factor": 1.0,
+    },
+    "minicpm3": {
+        "dim_model_base": HIDDEN, "scale_depth": 1.4, "scale_emb": 2.0, "q_lora_rank": 24,
+        "qk_nope_head_dim": 8, "qk_rope_head_dim": 4, "kv_lora_rank": 16,
+        "rope_scaling": {"original_max_position_embeddings": 128},  # minicpm3.py reads it unconditionally
+    },
+    "ernie4_5_moe": {"use_bias": False, "moe_num_experts": 4, "moe_k": 2, "moe_intermediate_size": 32},
+    "openelm": {
+        "num_transformer_layers": N_LAYERS, "model_dim": HIDDEN, "ffn_dim_divisor": 8, "num_query_heads": [4, 4],
+        "num_kv_heads": [2, 2], "ffn_multipliers": [2.0, 2.0],
+    },
+    "qwen3_next": {
+        **MOE, "linear_num_value_heads": 4, "linear_num_key_heads": 2, "linear_key_head_dim": 8,
+        "linear_value_head_dim": 8, "linear_conv_kernel_dim": 4, "decoder_sparse_step": 1,
+        "shared_expert_intermediate_size": 32, "mlp_only_layers": [], "partial_rotary_factor": 0.5,
+        "full_attention_interval": 2,
+    },
+    "lfm2": {
+        "norm_eps": 1e-5, "conv_bias": False, "conv_L_cache": 3, "block_dim": HIDDEN, "block_multiple_of": 8,
+        "block_ffn_dim_multiplier": 1.0, "block_auto_adjust_ff_dim": False, "block_ff_dim": 64,
+        "layer_types": ["conv", "full_attention"],
+    },
+    "mamba": {
+        "state_size": 4, "conv_kernel": 4, "use_bias": False, "use_conv_bias": True, "time_step_rank": 4,
+    },
 }
 
 ARCHITECTURES = list(CONFIGS)
+# Layers that mix tokens without softmax attention (linear attention, convolution, state space):
+# tests of attention patterns or KV caches use TRANSFORMERS.
+RECURRENT_MIXERS = ("qwen3_next", "lfm2", "mamba")
+TRANSFORMERS = [arch for arch in ARCHITECTURES if arch not in RECURRENT_MIXERS]
 
 
 def tiny_model(arch: str, seed: int = 0) -> nn.Module:

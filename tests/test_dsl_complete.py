@@ -43,7 +43,7 @@ def test_partial_statement_is_filtered():
 
 
 def test_top_level_modules_after_save():
-    assert labels("save ") == ["output", "embed_tokens", "norm", "layers"]
+    assert labels("save ") == ["output", "embed_tokens", "layers", "norm"]
 
 
 def test_layer_indices_and_patterns_after_layers_dot():
@@ -103,7 +103,7 @@ def test_metric_and_help_topics():
 
 def test_cursor_in_the_middle_of_the_text_uses_only_what_precedes_it():
     text = "save layers.3 @ -1\nlens"
-    assert labels(text, offset=5) == ["output", "embed_tokens", "norm", "layers"]
+    assert labels(text, offset=5) == ["output", "embed_tokens", "layers", "norm"]
 
 
 def test_nothing_inside_a_comment():

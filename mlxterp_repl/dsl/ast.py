@@ -93,9 +93,12 @@ class Intervention(Node):
 
     def canonical(self) -> str:
         """The intervention as text with spacing normalised (part of a trace cache key)."""
-        parts = [self.target.text, self.kind] + [repr(float(x)) for x in self.numbers]
+        parts = [self.target.text, self.kind]
         if self.var is not None:
-            parts.insert(2, "$" + self.var.name)
+            parts.append("$" + self.var.name)
+        if self.kind == "add" and self.numbers:
+            parts.append("*")
+        parts += [repr(float(x)) for x in self.numbers]
         if self.seed is not None:
             parts += ["seed", str(self.seed)]
         return " ".join(parts)

@@ -1,0 +1,714 @@
+"""The evaluator: each statement becomes one call of the `mlxterp` library.
+
+A `Session` holds what one client has built up: the model, the current prompt, the `$`
+variables and the steering in force. `Session.execute(text)` parses and runs every
+statement and returns one result per statement; errors are `QueryError`s pinned to the
+piece of text they are about (library errors are translated, with the span of the path,
+position or file they concern).
+
+Every forward pass that `save`, `stats`, `export`, `predict` and an intervened `lens`
+need goes through `Session.activations`, which keys the run by (model, prompt tokens,
+interventions in force). Given a `trace_cache` (anything with `get(key)` and
+`put(key, activations, nbytes)`; `TraceCache` is an in-memory LRU bounded in bytes), it
+captures every module once and answers later questions about the same run from the cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections import OrderedDict
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+
+from mlxterp import InterpretableModel
+import mlxterp.interventions as iv  # (not `from mlxterp import interventions`: that recurses in mlxterp.__getattr__)
+from mlxterp.errors import Interrupted, LayerIndexError, MlxterpError, UnknownModuleError
+
+from mlxterp_repl.dsl import ast
+from mlxterp_repl.dsl.errors import QueryError, closest
+from mlxterp_repl.dsl.parser import STATEMENTS, parse
+from mlxterp_repl.dsl.results import (
+    LensResult,
+    PatchResult,
+    PredictResult,
+    TableResult,
+    TextResult,
+    ValuesResult,
+    token_label,
+)
+
+OUTPUT = "output"
+
+
+class TraceCache:
+    """Captured activations of recent runs, least recently used first out, within a byte budget."""
+
+    def __init__(self, budget_bytes: int = 512 * 2**20):
+        self.budget_bytes = budget_bytes
+        self.used_bytes = 0
+        self.hits = 0
+        self.misses = 0
+        self._entries: OrderedDict = OrderedDict()  # key -> (activations, nbytes)
+
+    def get(self, key):
+        entry = self._entries.get(key)
+        if entry is None:
+            self.misses += 1
+            return None
+        self.hits += 1
+        self._entries.move_to_end(key)
+        return entry[0]
+
+    def put(self, key, activations: dict, nbytes: int) -> None:
+        if key in self._entries:
+            self.used_bytes -= self._entries.pop(key)[1]
+        if nbytes > self.budget_bytes:
+            return
+        while self._entries and self.used_bytes + nbytes > self.budget_bytes:
+            self.used_bytes -= self._entries.popitem(last=False)[1][1]
+        self._entries[key] = (activations, nbytes)
+        self.used_bytes += nbytes
+
+    def clear(self) -> None:
+        self._entries.clear()
+        self.used_bytes = 0
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+class Run:
+    """What one `execute` call passes down: the callbacks, the cache and the interventions of a `with`."""
+
+    def __init__(self, should_stop=None, on_progress=None, trace_cache=None):
+        self.should_stop = should_stop
+        self.on_progress = on_progress
+        self.trace_cache = trace_cache
+        self.extra: list[tuple[ast.Intervention, object, str | None]] = []
+
+
+def to_numpy(array) -> np.ndarray:
+    """An evaluated mx.array as float32 numpy (bfloat16 and friends go through float32)."""
+    if isinstance(array, mx.array):
+        if array.dtype not in (mx.float32, mx.float64):
+            array = array.astype(mx.float32)
+        return np.array(array)
+    return np.asarray(array, dtype=np.float32)
+
+
+class Session:
+    """One client's state: model, current prompt, `$` variables, steering."""
+
+    def __init__(self, model: InterpretableModel | None = None, workdir: str | os.PathLike | None = None):
+        self.model = model
+        self.workdir = Path(workdir) if workdir is not None else None
+        self.prompt: str | None = None
+        self.variables: dict[str, ValuesResult] = {}
+        self.steering: list[tuple[ast.Intervention, object, str | None]] = []
+
+    # ---- running text ----
+
+    def execute(self, text: str, should_stop=None, on_progress=None, trace_cache=None) -> list:
+        """Run every statement of `text`; one result each. Raises the first QueryError met
+        (parse errors before anything runs); its `.results` holds what ran before it."""
+        parsed = parse(text)
+        if parsed.errors:
+            error = parsed.errors[0]
+            error.results = []
+            raise error
+        run = Run(should_stop, on_progress, trace_cache)
+        results = []
+        for index, statement in enumerate(parsed.statements):
+            if on_progress is not None:
+                on_progress(f"{index + 1}/{len(parsed.statements)}: {statement.text}")
+            try:
+                results.append(self.run_statement(statement, run))
+            except QueryError as error:
+                error.results = results
+                raise
+        return results
+
+    def execute_statement(self, statement: ast.Statement, should_stop=None, on_progress=None, trace_cache=None):
+        """Run one parsed statement (for runners that go on after errors)."""
+        return self.run_statement(statement, Run(should_stop, on_progress, trace_cache))
+
+    def run_statement(self, statement: ast.Statement, run: Run):
+        handler = getattr(self, "do_" + type(statement).__name__.lower())
+        try:
+            return handler(statement, run)
+        except (QueryError, Interrupted):
+            raise
+        except LayerIndexError as error:
+            raise QueryError(str(error), statement.span, layer_range(self.model)) from None
+        except UnknownModuleError as error:
+            raise QueryError(str(error), statement.span, error.suggestions) from None
+        except MlxterpError as error:
+            raise QueryError(str(error), statement.span) from None
+
+    # ---- shared pieces ----
+
+    def need_model(self, statement) -> InterpretableModel:
+        if self.model is None:
+            raise QueryError("no model is loaded; start with: load demo", statement.span, ["load demo"])
+        return self.model
+
+    def resolve_input(self, string: ast.String | None, statement) -> tuple[str, list[int], list[str]]:
+        """(text, token ids, token strings) of `in "..."`, else of the current prompt."""
+        model = self.need_model(statement)
+        if string is not None:
+            text, span = string.value, string.span
+        elif self.prompt is not None:
+            text, span = self.prompt, statement.span
+        else:
+            raise QueryError('no prompt is set: run prompt "..." first, or add in "..."', statement.span,
+                             ['prompt "The capital of France is"'])
+        try:
+            ids = model.encode(text)
+        except (MlxterpError, UnicodeError) as error:
+            raise QueryError(f"cannot tokenize this text: {error}", span) from None
+        if not ids:
+            raise QueryError("this text has no tokens (and the tokenizer adds no BOS)", span)
+        return text, ids, model.token_strings(ids)
+
+    def expand(self, path: ast.Path) -> list[str]:
+        """Full names of a path or pattern, through the library's one resolver."""
+        model = self.model
+        try:
+            return model.expand(path.text)
+        except LayerIndexError as error:
+            raise QueryError(str(error), path.span, layer_range(model)) from None
+        except UnknownModuleError as error:
+            raise QueryError(str(error), path.span, error.suggestions) from None
+        except MlxterpError as error:
+            raise QueryError(str(error), path.span) from None
+
+    def label(self, full_name: str) -> str:
+        return self.model.short_name(full_name)
+
+    def positions(self, node, tokens: list[str]) -> tuple[list[int], bool]:
+        """Token indices a position means, and whether it names a single token."""
+        n = len(tokens)
+        if node is None or isinstance(node, ast.AllPositions):
+            return list(range(n)), False
+        if isinstance(node, ast.Index):
+            return [self.index(node, tokens)], True
+        if isinstance(node, ast.Match):
+            return [self.match(node, tokens)], True
+        if isinstance(node, ast.Slice):
+            chosen = list(range(n))[slice(node.start, node.stop)]
+            if not chosen:
+                raise QueryError(f"the slice selects none of the prompt's {n} tokens (0..{n - 1})", node.span,
+                                 token_list(tokens))
+            return chosen, False
+        if isinstance(node, ast.PositionList):
+            return [self.index(i, tokens) if isinstance(i, ast.Index) else self.match(i, tokens) for i in node.items], False
+        raise QueryError("not a position", node.span)
+
+    def index(self, node: ast.Index, tokens: list[str]) -> int:
+        n = len(tokens)
+        if not -n <= node.value < n:
+            raise QueryError(f"position {node.value} is outside the prompt's {n} tokens (0..{n - 1}, or -{n}..-1)",
+                             node.span, token_list(tokens))
+        return node.value % n
+
+    def match(self, node: ast.Match, tokens: list[str]) -> int:
+        wanted = node.text.strip()
+        for i, token in enumerate(tokens):
+            if token.strip() == wanted:
+                return i
+        for i, token in enumerate(tokens):
+            if wanted and wanted in token:
+                return i
+        close = closest(wanted, [t.strip() for t in tokens], n=3)
+        hint = f" (did you mean {', '.join(repr(c) for c in close)}?)" if close else ""
+        raise QueryError(f"no token of the input matches {node.text!r}{hint}; its tokens are "
+                         + " ".join(f"{i}:{token_label(t)}" for i, t in enumerate(tokens)),
+                         node.span, token_list(tokens))
+
+    def intervention_function(self, node: ast.Intervention):
+        """The `mlxterp.interventions` function for one intervention, and its cache text
+        (None when the run cannot be cached: noise without a seed)."""
+        self.expand(node.target)  # an unknown module is an error here, with its span
+        key = node.canonical()
+        try:
+            if node.kind == "zero":
+                return iv.zero_out, key
+            if node.kind == "scale":
+                return iv.scale(node.numbers[0]), key
+            if node.kind == "clamp":
+                return iv.clamp(node.numbers[0], node.numbers[1]), key
+            if node.kind == "noise":
+                return iv.noise(node.numbers[0], seed=node.seed), (key if node.seed is not None else None)
+            value = self.variable(node.var)
+            if len(value.arrays) != 1:
+                raise QueryError(f"${node.var.name} holds {len(value.arrays)} arrays; {node.kind} takes one",
+                                 node.var.span, [label for label, _ in value.arrays])
+            array = value.arrays[0][1]
+            digest = hashlib.sha1(np.ascontiguousarray(array).tobytes()).hexdigest()[:16]
+            key += f" #{digest}"
+            if node.kind == "add":
+                factor = node.numbers[0] if node.numbers else 1.0
+                return iv.add_vector(mx.array(array) * factor), key
+            return iv.replace_with(mx.array(array)), key
+        except MlxterpError as error:
+            raise QueryError(str(error), node.span) from None
+
+    def interventions_in_force(self, run: Run) -> tuple[dict, str | None]:
+        """{target: function} for the trace (steering, then `with`), and the cache text."""
+        chosen: dict[str, list] = {}
+        keys = []
+        for node, function, key in self.steering + run.extra:
+            chosen.setdefault(node.target.text, []).append(function)
+            keys.append(key)
+        functions = {t: fs[0] if len(fs) == 1 else iv.compose(*fs).build() for t, fs in chosen.items()}
+        canonical = None if any(k is None for k in keys) else "; ".join(keys)
+        return functions, canonical
+
+    def activations(self, ids: list[int], names: list[str], run: Run, span) -> dict[str, mx.array]:
+        """Outputs (1, L, ...) of the modules `names` (full names; "output" = logits) on `ids`,
+        under the interventions in force. The one way forward passes run for values."""
+        model = self.model
+        interventions, canonical = self.interventions_in_force(run)
+        cache = run.trace_cache
+        key = None if cache is None or canonical is None else (id(model), model.source, tuple(ids), canonical)
+        if key is not None:
+            stored = cache.get(key)
+            if stored is not None and all(n in stored for n in names):
+                return {n: stored[n] for n in names}
+        capture = None if key is not None else [n for n in names if n != OUTPUT]
+        with model.trace([ids], interventions=interventions or None, capture=capture,
+                         should_stop=run.should_stop) as tr:
+            if key is not None:
+                found = {n: tr.save(n) for n in list(dict.keys(tr.activations))}
+            else:
+                found = {n: tr.save(n) for n in names}
+        missing = [self.label(n) for n in names if n not in found]
+        if missing:
+            raise QueryError("no output in this forward pass for: " + ", ".join(missing), span)
+        if key is not None:
+            cache.put(key, found, sum(a.nbytes for a in found.values()))
+        return {n: found[n] for n in names}
+
+    def variable(self, var: ast.Var) -> ValuesResult:
+        if var.name not in self.variables:
+            known = ["$" + v for v in self.variables]
+            close = ["$" + c for c in closest(var.name, list(self.variables))]
+            listing = ", ".join(known) if known else "none yet (save ... as $name)"
+            raise QueryError(f"${var.name} is not defined; defined: {listing}", var.span, close or known)
+        return self.variables[var.name]
+
+    def values_at(self, statement, target: ast.Path, position, string, run: Run):
+        """(labels, arrays at the positions, description) of a path on an input."""
+        text, ids, tokens = self.resolve_input(string, statement)
+        names = self.expand(target)
+        chosen, single = self.positions(position, tokens)
+        found = self.activations(ids, names, run, target.span)
+        arrays = []
+        for name in names:
+            array = to_numpy(found[name])[0]
+            if array.ndim >= 1 and array.shape[0] == len(ids):
+                array = array[chosen[0]] if single else array[chosen]
+            arrays.append((self.label(name), array))
+        if single:
+            where = f"at {chosen[0]} ({token_label(tokens[chosen[0]])})"
+        elif len(chosen) == len(tokens):
+            where = f"all {len(tokens)} positions"
+        else:
+            where = "at " + ", ".join(str(p) for p in chosen)
+        return arrays, f"{where} of {text!r}"
+
+    def with_notes(self, result, run: Run):
+        texts = [node.canonical() for node, _, _ in self.steering + run.extra]
+        if texts:
+            result.notes.append("interventions: " + "; ".join(texts))
+        return result
+
+    def output_path(self, file: ast.String) -> Path:
+        """Where a file named in a statement goes (relative to the workdir); parents are created."""
+        if not file.value.strip():
+            raise QueryError("the file name is empty", file.span)
+        path = Path(file.value).expanduser()
+        if not path.is_absolute() and self.workdir is not None:
+            path = self.workdir / path
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise QueryError(f"cannot create the directory {path.parent}: {error.strerror or error}", file.span) from None
+        return path
+
+    def completion_context(self):
+        """What `complete` needs to know about this session (no model run)."""
+        from mlxterp_repl.dsl.complete import CompletionContext
+
+        if self.model is None:
+            return CompletionContext(variables=list(self.variables))
+        tokens = []
+        if self.prompt is not None:
+            tokens = self.model.token_strings(self.model.encode(self.prompt))
+        return CompletionContext(self.model.module_info(), self.model.n_layers, list(self.variables), tokens)
+
+    # ---- statements ----
+
+    def do_load(self, node: ast.Load, run: Run):
+        layer_attr = node.options.get("layers", "layers")
+        try:
+            model = InterpretableModel(node.source.value, layer_attr=layer_attr)
+        except (MlxterpError, OSError, ValueError) as error:
+            raise QueryError(str(error), node.source.span, ["demo"]) from None
+        self.model = model
+        self.prompt = None
+        self.steering = []
+        return TextResult(f"loaded {model!r}", kind="load", fields={"model": model_summary(model)})
+
+    def do_prompt(self, node: ast.Prompt, run: Run):
+        self.need_model(node)
+        _, ids, tokens = self.resolve_input(node.prompt, node)
+        self.prompt = node.prompt.value
+        message = f"prompt set: {len(ids)} tokens: " + " ".join(token_label(t) for t in tokens)
+        return TextResult(message, kind="prompt", fields={"prompt": self.prompt, "ids": ids, "tokens": tokens})
+
+    def do_tokens(self, node: ast.Tokens, run: Run):
+        text, ids, tokens = self.resolve_input(node.input, node)
+        rows = [[i, token_id, token] for i, (token_id, token) in enumerate(zip(ids, tokens))]
+        return TableResult(["position", "id", "token"], rows, kind="tokens", title=repr(text))
+
+    def do_save(self, node: ast.Save, run: Run):
+        self.need_model(node)
+        arrays, where = self.values_at(node, node.target, node.position, node.input, run)
+        result = ValuesResult(arrays, kind="save", name=node.name.name if node.name else None, where=where)
+        if node.name is not None:
+            self.variables[node.name.name] = result
+        return self.with_notes(result, run)
+
+    def do_stats(self, node: ast.Stats, run: Run):
+        self.need_model(node)
+        arrays, where = self.values_at(node, node.target, node.position, node.input, run)
+        rows = []
+        for label, array in arrays:
+            flat = array.astype(np.float64).reshape(-1)
+            rows.append([label, str(tuple(array.shape)), float(np.linalg.norm(flat)), float(flat.mean()),
+                         float(flat.std()), float(flat.min()), float(flat.max())])
+        result = TableResult(["module", "shape", "norm", "mean", "std", "min", "max"], rows, kind="stats", title=where)
+        return self.with_notes(result, run)
+
+    def do_predict(self, node: ast.Predict, run: Run):
+        model = self.need_model(node)
+        top = min(node.top or 5, model.vocab_size)
+        if isinstance(node.target, ast.Var):
+            if node.position is not None or node.input is not None:
+                raise QueryError("'@' and 'in' apply to a module path, not to a saved $name", node.target.span)
+            value = self.variable(node.target)
+            arrays = value.arrays
+        else:
+            arrays, _ = self.values_at(node, node.target, node.position, node.input, run)
+        rows = []
+        for label, array in arrays:
+            states = array.reshape(-1, array.shape[-1]) if array.ndim else array.reshape(1, 1)
+            if label == OUTPUT or (array.ndim and array.shape[-1] == model.vocab_size != model.hidden_size):
+                predictions = top_of_logits(model, states, top)  # logits already: no decoding needed
+            else:
+                if states.shape[-1] != model.hidden_size:
+                    span = node.target.span
+                    raise QueryError(f"{label} has size {states.shape[-1]}, not the model's hidden size "
+                                     f"{model.hidden_size}: predict decodes hidden states", span)
+                found = model.get_token_predictions(mx.array(states), top_k=top, return_scores=True)
+                predictions = [[(i, s, model.token_to_str(i)) for i, s in row] for row in found]
+            for n, row in enumerate(predictions):
+                rows.append((label if len(predictions) == 1 else f"{label} [{n}]", row))
+        return self.with_notes(PredictResult(rows), run)
+
+    def do_lens(self, node: ast.Lens, run: Run):
+        model = self.need_model(node)
+        text, ids, tokens = self.resolve_input(node.input, node)
+        chosen, single = self.positions(node.position, tokens)
+        top = min(node.top or (5 if single else 1), model.vocab_size)
+        layers = self.layer_indices(node.layers)
+        interventions, _ = self.interventions_in_force(run)
+        if run.should_stop is not None and run.should_stop():
+            raise Interrupted("stopped before the logit lens ran")
+        if not interventions:
+            position = chosen[0] if single else None
+            lens = model.logit_lens(text, layers=layers, top_k=top, position=position)
+            shown = list(lens)
+            grid = [[lens[layer]] if single else [lens[layer][p] for p in chosen] for layer in shown]
+        else:
+            # Under interventions: the same decoding (the library's), of the intervened run.
+            shown = layers if layers is not None else list(range(model.n_layers))
+            names = [model.resolve(f"layers.{layer}") for layer in shown]
+            found = self.activations(ids, names, run, node.span)
+            grid = []
+            for name in names:
+                states = found[name][0][mx.array(chosen)]
+                rows = model.get_token_predictions(states, top_k=top, return_scores=True)
+                grid.append([[(i, s, model.token_to_str(i)) for i, s in row] for row in rows])
+            shown = [model.names.layer_index(n) for n in names]
+        plot = None
+        if node.plot is not None:
+            from mlxterp.plots import plot_logit_lens
+
+            full = {layer: row for layer, row in zip(shown, grid)}
+            save_path = str(self.output_path(ast.String(span=node.plot.span, value=node.plot.file))) if node.plot.file else None
+            plot = self.plotting(lambda: plot_logit_lens(full, [tokens[p] for p in chosen], save_path=save_path),
+                                 node.plot)
+        result = LensResult(shown, chosen, [tokens[p] for p in chosen], grid, plot=plot)
+        return self.with_notes(result, run)
+
+    def do_patch(self, node: ast.Patch, run: Run):
+        model = self.need_model(node)
+        metric = node.metric.value if node.metric else "l2"
+        layers = self.layer_indices(node.layers)
+        component = node.component.text
+        try:
+            model.resolve(f"layers.0.{component}") if component not in ("layer", "output") else None
+        except UnknownModuleError as error:
+            names = sorted({s.split(".", 2)[2] for s in error.suggestions if s.count(".") >= 2})
+            raise QueryError(f"no component {component!r} in the layers", node.component.span,
+                             names or ["mlp", "attn", "mlp.gate_proj", "self_attn.q_proj"]) from None
+        if run.should_stop is not None and run.should_stop():
+            raise Interrupted("stopped before the patching sweep ran")
+        try:
+            recovery = model.activation_patching(node.clean.value, node.corrupt.value, component=component,
+                                                 layers=layers, metric=metric)
+        except MlxterpError as error:
+            raise QueryError(str(error), node.clean.span.to(node.corrupt.span)) from None
+        plot = None
+        if node.plot is not None:
+            from mlxterp.plots import plot_patching
+
+            save_path = str(self.output_path(ast.String(span=node.plot.span, value=node.plot.file))) if node.plot.file else None
+            plot = self.plotting(lambda: plot_patching(recovery, title=f"Activation patching: {component} ({metric})",
+                                                       save_path=save_path), node.plot)
+        result = PatchResult(component, metric, dict(recovery), plot=plot)
+        if self.steering:
+            result.notes.append("steering is not applied to patch: the sweep compares the plain clean and corrupted runs")
+        return result
+
+    def do_with(self, node: ast.With, run: Run):
+        self.need_model(node)
+        added = [(i, *self.intervention_function(i)) for i in node.interventions]
+        inner = Run(run.should_stop, run.on_progress, run.trace_cache)
+        inner.extra = run.extra + added
+        return self.run_statement(node.body, inner)
+
+    def do_steer(self, node: ast.Steer, run: Run):
+        self.need_model(node)
+        if node.clear:
+            count = len(self.steering)
+            self.steering = []
+            return TextResult(f"steering cleared ({count} removed)", kind="steer", fields={"steering": []})
+        for intervention in node.interventions:
+            self.steering.append((intervention, *self.intervention_function(intervention)))
+        texts = [i.canonical() for i, _, _ in self.steering]
+        message = "steering: " + "; ".join(texts) if texts else "no steering in force"
+        return TextResult(message, kind="steer", fields={"steering": texts})
+
+    def do_let(self, node: ast.Let, run: Run):
+        value = self.evaluate(node.expr)
+        arrays = value if isinstance(value, list) else [(expression_text(node.expr), np.asarray(value, np.float32))]
+        result = ValuesResult(arrays, kind="let", name=node.name.name, where=node.text.split("=", 1)[1].strip())
+        self.variables[node.name.name] = result
+        return result
+
+    def do_ls(self, node: ast.Ls, run: Run):
+        model = self.need_model(node)
+        info = model.module_info()
+        if node.path is None:
+            # outside the layers every module; of the layers only their count and first layer's type
+            rows = [[m["name"], m["type"], m["params"]] for m in info if m["layer"] is None and m["name"] != "model"]
+            if model.n_layers:
+                first = next(m for m in info if m["full_name"] == model.names.layer_names[0])
+                rows.append([f"layers.0..{model.n_layers - 1}", f"{first['type']} x{model.n_layers}", first["params"]])
+            title = "modules (ls layers.0 for one layer)"
+        else:
+            roots = self.expand(node.path)
+            rows = [[m["name"], m["type"], m["params"]] for m in info
+                    if any(m["full_name"] == r or m["full_name"].startswith(r + ".") for r in roots)]
+            title = node.path.text
+        return TableResult(["module", "type", "params"], rows, kind="ls", title=title)
+
+    def do_export(self, node: ast.Export, run: Run):
+        self.need_model(node)
+        path = self.output_path(node.file)
+        suffix = path.suffix.lower()
+        if suffix not in (".npz", ".safetensors"):
+            raise QueryError(f"export writes .npz or .safetensors files, not {suffix or 'a file without suffix'}",
+                             node.file.span, [path.stem + ".npz", path.stem + ".safetensors"])
+        if isinstance(node.source, ast.Var):
+            arrays = self.variable(node.source).arrays
+        else:
+            arrays, _ = self.values_at(node, node.source, node.position, node.input, run)
+        named = {}
+        for label, array in arrays:
+            key = label if label not in named else f"{label}_{len(named)}"
+            named[key] = np.ascontiguousarray(array)
+        try:
+            if suffix == ".npz":
+                np.savez(path, **named)
+            else:
+                from safetensors.numpy import save_file
+
+                save_file(named, str(path))
+        except OSError as error:
+            raise QueryError(f"cannot write {path}: {error.strerror or error}", node.file.span) from None
+        rows = [[key, str(tuple(a.shape)), str(a.dtype)] for key, a in named.items()]
+        return TableResult(["array", "shape", "dtype"], rows, kind="export", title=f"wrote {path}",
+                           fields={"file": str(path), "bytes": path.stat().st_size})
+
+    def do_info(self, node: ast.Info, run: Run):
+        model = self.need_model(node)
+        summary = model_summary(model)
+        summary["prompt"] = self.prompt
+        summary["variables"] = ["$" + v for v in self.variables]
+        summary["steering"] = [i.canonical() for i, _, _ in self.steering]
+        rows = [[key, str(value)] for key, value in summary.items()]
+        return TableResult(["", ""], rows, kind="info", title=repr(model), fields={"model": summary})
+
+    def do_help(self, node: ast.Help, run: Run):
+        if node.topic is None:
+            rows = [[name, syntax, does] for name, (syntax, does) in STATEMENTS.items()]
+            return TableResult(["statement", "syntax", "does"], rows, kind="help", title="statements")
+        topic = node.topic.value
+        if topic not in STATEMENTS:
+            raise QueryError(f"no statement named {topic!r}", node.topic.span,
+                             closest(topic, STATEMENTS) or list(STATEMENTS))
+        syntax, does = STATEMENTS[topic]
+        return TextResult(f"{syntax}\n  {does}", kind="help", fields={"statement": topic, "syntax": syntax})
+
+    # ---- helpers of statements ----
+
+    def layer_indices(self, layers: ast.Layers | None) -> list[int] | None:
+        if layers is None or layers.indices is None:
+            return None
+        n = self.model.n_layers
+        for index in layers.indices:
+            if not -n <= index < n:
+                raise QueryError(f"layer {index} is out of range: the model has {n} layers (0..{n - 1}, "
+                                 f"or -{n}..-1 from the end)", layers.span, layer_range(self.model))
+        return [i % n for i in layers.indices]
+
+    def plotting(self, draw, plot: ast.Plot) -> str:
+        try:
+            return draw()
+        except MlxterpError as error:
+            raise QueryError(str(error), plot.span) from None
+        except OSError as error:
+            raise QueryError(f"cannot write the plot: {error.strerror or error}", plot.span) from None
+
+    # ---- let ----
+
+    def evaluate(self, expr):
+        """A let expression: a float, or a list of (label, array)."""
+        if isinstance(expr, ast.Number):
+            return float(expr.value)
+        if isinstance(expr, ast.Var):
+            return [(label, array.astype(np.float32)) for label, array in self.variable(expr).arrays]
+        if isinstance(expr, ast.Negate):
+            return combine("*", -1.0, self.evaluate(expr.operand), expr)
+        if isinstance(expr, ast.BinOp):
+            return combine(expr.op, self.evaluate(expr.left), self.evaluate(expr.right), expr)
+        if isinstance(expr, ast.Call):
+            value = self.evaluate(expr.argument)
+            if not isinstance(value, list):
+                raise QueryError(f"{expr.function}() takes a $name, not a number", expr.argument.span)
+            return call(expr.function, value, expr)
+        raise QueryError("not an expression", expr.span)
+
+
+# ---- plain helpers ----------------------------------------------------------------------
+
+
+def layer_range(model) -> list[str]:
+    if model is None or not model.n_layers:
+        return []
+    n = model.n_layers
+    return [f"0..{n - 1}", f"-{n}..-1"]
+
+
+def token_list(tokens: list[str]) -> list[str]:
+    return [f"{i}:{token_label(t)}" for i, t in enumerate(tokens)]
+
+
+def model_summary(model) -> dict:
+    return {
+        "source": model.source,
+        "type": type(model.model).__name__,
+        "layers": model.n_layers,
+        "hidden_size": model.hidden_size,
+        "vocab_size": model.vocab_size if model.tokenizer is not None else None,
+        "parameters": int(sum(p.size for p in model.parameters().values())),
+    }
+
+
+def top_of_logits(model, logits: np.ndarray, k: int) -> list[list[tuple]]:
+    rows = []
+    for row in logits:
+        ids = np.argsort(-row, kind="stable")[:k]
+        rows.append([(int(i), float(row[i]), model.token_to_str(int(i))) for i in ids])
+    return rows
+
+
+def expression_text(expr) -> str:
+    if isinstance(expr, ast.Number):
+        return f"{expr.value:g}"
+    if isinstance(expr, ast.Var):
+        return "$" + expr.name
+    if isinstance(expr, ast.Negate):
+        return "-" + expression_text(expr.operand)
+    if isinstance(expr, ast.BinOp):
+        return f"{expression_text(expr.left)} {expr.op} {expression_text(expr.right)}"
+    if isinstance(expr, ast.Call):
+        return f"{expr.function}({expression_text(expr.argument)})"
+    return "?"
+
+
+def combine(op: str, left, right, expr):
+    """`left op right` where each side is a float or a list of (label, array)."""
+    def apply(a, b):
+        with np.errstate(all="ignore"):
+            if op == "+":
+                return a + b
+            if op == "-":
+                return a - b
+            if op == "*":
+                return a * b
+            return a / b
+
+    if not isinstance(left, list) and not isinstance(right, list):
+        return apply(left, right)
+    if not isinstance(left, list) or not isinstance(right, list):
+        scalar, arrays = (left, right) if not isinstance(left, list) else (right, left)
+        scalar_first = not isinstance(left, list)
+        return [(label, (apply(scalar, a) if scalar_first else apply(a, scalar)).astype(np.float32))
+                for label, a in arrays]
+    if len(left) != len(right) and 1 not in (len(left), len(right)):
+        raise QueryError(f"cannot combine {len(left)} arrays with {len(right)} arrays", expr.span)
+    pairs = list(zip(left, right)) if len(left) == len(right) else (
+        [(l, right[0]) for l in left] if len(right) == 1 else [(left[0], r) for r in right])
+    out = []
+    for (label_a, a), (label_b, b) in pairs:
+        try:
+            np.broadcast_shapes(a.shape, b.shape)
+        except ValueError:
+            raise QueryError(f"shapes {tuple(a.shape)} and {tuple(b.shape)} do not fit together for {op!r}",
+                             expr.span) from None
+        label = label_a if label_a == label_b else f"{label_a} {op} {label_b}"
+        out.append((label, apply(a, b).astype(np.float32)))
+    return out
+
+
+def call(function: str, value: list, expr):
+    """mean(): of several arrays, their average; of one, the average over its first axis.
+    norm(): the L2 norm over the last axis of each array."""
+    if function == "norm":
+        return [(f"norm({label})", np.asarray(np.linalg.norm(a.astype(np.float64), axis=-1) if a.ndim else abs(a),
+                                               np.float32)) for label, a in value]
+    if len(value) > 1:
+        shapes = {a.shape for _, a in value}
+        if len(shapes) > 1:
+            raise QueryError("mean() of arrays with different shapes: " + ", ".join(str(s) for s in shapes), expr.span)
+        return [(f"mean of {len(value)}", np.mean([a for _, a in value], axis=0).astype(np.float32))]
+    label, array = value[0]
+    return [(f"mean({label})", np.asarray(array.mean(axis=0) if array.ndim else array, np.float32))]

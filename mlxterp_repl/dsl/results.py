@@ -1,0 +1,317 @@
+"""Result objects: what one statement gives back.
+
+Each result is plain data plus three views of it: `render()` (a rich renderable for a
+terminal: tables, a coloured layer x position grid for `lens`, a bar chart for `patch`, a
+sparkline for saved values), `to_data()` (plain dicts, lists, numbers and strings; arrays
+as {"dtype", "shape", "data": bytes}) and `summary(max_len)` (one line for inline display).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+from rich.console import Group
+from rich.table import Table
+from rich.text import Text
+
+SPARK = "▁▂▃▄▅▆▇█"
+PALETTE = ["cyan", "magenta", "green", "yellow", "blue", "red", "bright_cyan", "bright_magenta",
+           "bright_green", "bright_yellow", "bright_blue", "bright_red"]
+
+
+# ---- small helpers ---------------------------------------------------------------------
+
+
+def sparkline(values, width: int = 24) -> str:
+    """The values as a row of block characters, averaged down to `width` cells."""
+    flat = np.asarray(values, dtype=np.float64).reshape(-1)
+    flat = flat[np.isfinite(flat)]
+    if flat.size == 0:
+        return ""
+    if flat.size > width:
+        flat = np.array([chunk.mean() for chunk in np.array_split(flat, width)])
+    lo, hi = float(flat.min()), float(flat.max())
+    if hi - lo < 1e-12:
+        return SPARK[3] * flat.size
+    levels = ((flat - lo) / (hi - lo) * (len(SPARK) - 1)).round().astype(int)
+    return "".join(SPARK[i] for i in levels)
+
+
+def array_data(array: np.ndarray) -> dict:
+    array = np.ascontiguousarray(array)
+    return {"dtype": str(array.dtype), "shape": list(array.shape), "data": array.tobytes()}
+
+
+def array_stats(array: np.ndarray) -> dict:
+    """shape, norm, mean, std, min, max and the first few values of an array, as plain numbers."""
+    flat = np.asarray(array, dtype=np.float64).reshape(-1)
+    if flat.size == 0:
+        return {"shape": list(array.shape), "norm": 0.0, "mean": 0.0, "std": 0.0, "min": 0.0, "max": 0.0, "first": []}
+    with np.errstate(all="ignore"):
+        return {
+            "shape": list(array.shape),
+            "norm": float(np.linalg.norm(flat)),
+            "mean": float(flat.mean()),
+            "std": float(flat.std()),
+            "min": float(flat.min()),
+            "max": float(flat.max()),
+            "first": [float(v) for v in flat[:6]],
+        }
+
+
+def number(value: float) -> str:
+    if value is None or not math.isfinite(value):
+        return str(value)
+    if value != 0 and (abs(value) >= 1e5 or abs(value) < 1e-3):
+        return f"{value:.3e}"
+    return f"{value:.4g}"
+
+
+def token_label(text: str) -> str:
+    """A token's text made visible: quotes when it has leading/trailing spaces or is empty."""
+    return repr(text) if text.strip() != text or not text else text
+
+
+def shorten(text: str, max_len: int) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= max_len else text[: max(max_len - 1, 0)] + "…"
+
+
+def colour_of(token_id: int) -> str:
+    return PALETTE[token_id % len(PALETTE)]
+
+
+def prediction_data(predictions) -> list[dict]:
+    return [{"id": int(i), "score": float(s), "token": t} for i, s, t in predictions]
+
+
+# ---- the results -------------------------------------------------------------------------
+
+
+@dataclass
+class Result:
+    """Base: `kind`, notes shown under the result, and the three views."""
+
+    notes: list[str] = field(default_factory=list, kw_only=True)
+    kind = "result"
+
+    def data(self) -> dict:
+        return {}
+
+    def to_data(self) -> dict:
+        return {"kind": self.kind, **self.data(), "notes": list(self.notes)}
+
+    def body(self):
+        return Text(self.short())
+
+    def render(self):
+        parts = [self.body()] + [Text(note, style="dim") for note in self.notes]
+        return Group(*parts)
+
+    def short(self) -> str:
+        return self.kind
+
+    def summary(self, max_len: int = 40) -> str:
+        return shorten(self.short(), max_len)
+
+
+@dataclass
+class TextResult(Result):
+    """A message: `prompt`, `steer`, `load`, `info`, `help` when there is no table to show."""
+
+    message: str
+    kind: str = "text"
+    fields: dict = field(default_factory=dict)
+
+    def data(self):
+        return {"message": self.message, **self.fields}
+
+    def body(self):
+        return Text(self.message)
+
+    def short(self):
+        return self.message.split("\n", 1)[0]
+
+
+@dataclass
+class TableResult(Result):
+    """Rows under named columns: `tokens`, `stats`, `ls`, `info`, `help`."""
+
+    columns: list[str]
+    rows: list[list]
+    kind: str = "table"
+    title: str = ""
+    fields: dict = field(default_factory=dict)
+
+    def data(self):
+        return {"title": self.title, "columns": list(self.columns), "rows": [list(r) for r in self.rows], **self.fields}
+
+    def body(self):
+        table = Table(title=Text(self.title) if self.title else None, title_justify="left")
+        for column in self.columns:
+            numeric = self.rows and isinstance(self.rows[0][self.columns.index(column)], (int, float))
+            table.add_column(column, justify="right" if numeric else "left")
+        for row in self.rows:
+            table.add_row(*[Text(number(v) if isinstance(v, float) else str(v)) for v in row])
+        return table
+
+    def short(self):
+        if self.kind == "tokens":
+            return f"{len(self.rows)} tokens: " + " ".join(token_label(r[2]) for r in self.rows)
+        return f"{self.title or self.kind}: {len(self.rows)} rows"
+
+
+@dataclass
+class ValuesResult(Result):
+    """Arrays with their statistics: `save` (captured activations) and `let` (arithmetic)."""
+
+    arrays: list[tuple[str, np.ndarray]]  # (label: module short name or expression, values)
+    kind: str = "save"
+    name: str | None = None  # the $ name it was kept as
+    where: str = ""  # which positions of which input, for the title
+
+    def data(self):
+        return {
+            "name": self.name,
+            "where": self.where,
+            "arrays": [{"label": label, **array_stats(a), "array": array_data(a)} for label, a in self.arrays],
+        }
+
+    def body(self):
+        title = (f"${self.name} = " if self.name else "") + self.where
+        table = Table(title=Text(title) if title else None, title_justify="left")
+        for column in ("", "shape", "norm", "mean", "std", "min", "max", "values"):
+            table.add_column(column, justify="left" if column in ("", "values") else "right")
+        for label, array in self.arrays:
+            s = array_stats(array)
+            first = " ".join(number(v) for v in s["first"][:4]) + (" …" if array.size > 4 else "")
+            table.add_row(Text(label), str(tuple(s["shape"])), number(s["norm"]), number(s["mean"]), number(s["std"]),
+                          number(s["min"]), number(s["max"]), Text(sparkline(array), style="cyan") + Text(" " + first))
+        return table
+
+    def short(self):
+        prefix = f"${self.name} " if self.name else ""
+        if len(self.arrays) == 1:
+            label, array = self.arrays[0]
+            s = array_stats(array)
+            return f"{prefix}{tuple(s['shape'])} norm {number(s['norm'])} mean {number(s['mean'])}"
+        norms = [array_stats(a)["norm"] for _, a in self.arrays]
+        return f"{prefix}{len(self.arrays)} arrays, norm {number(min(norms))}..{number(max(norms))}"
+
+
+@dataclass
+class LensResult(Result):
+    """Logit lens: per layer and position, the top tokens with their logits."""
+
+    layers: list[int]
+    positions: list[int]
+    tokens: list[str]  # the input token at each shown position
+    predictions: list[list[list[tuple]]]  # [layer][position] -> [(id, score, text), ...]
+    kind: str = "lens"
+    plot: str | None = None
+
+    def data(self):
+        return {
+            "layers": list(self.layers),
+            "positions": list(self.positions),
+            "tokens": list(self.tokens),
+            "predictions": [[prediction_data(cell) for cell in row] for row in self.predictions],
+            "plot": self.plot,
+        }
+
+    def body(self):
+        if len(self.positions) == 1:
+            position = self.positions[0]
+            title = Text(f"logit lens at position {position} ({token_label(self.tokens[0])})")
+            table = Table(title=title, title_justify="left")
+            table.add_column("layer", justify="right")
+            k = max((len(row[0]) for row in self.predictions), default=0)
+            for rank in range(k):
+                table.add_column(f"top {rank + 1}")
+            for layer, row in zip(self.layers, self.predictions):
+                cells = [Text(f"{token_label(t)} {s:.2f}", style=colour_of(i)) for i, s, t in row[0]]
+                table.add_row(str(layer), *cells)
+        else:
+            table = Table(title="logit lens: top token per layer (rows) and position (columns)", title_justify="left")
+            table.add_column("layer", justify="right")
+            for position, token in zip(self.positions, self.tokens):
+                table.add_column(Text(f"{position}\n{token_label(token)}"), max_width=14, no_wrap=True)
+            for layer, row in zip(self.layers, self.predictions):
+                cells = [Text(token_label(cell[0][2]), style=colour_of(cell[0][0])) for cell in row]
+                table.add_row(str(layer), *cells)
+        if self.plot:
+            return Group(table, Text(f"plot: {self.plot}", style="dim"))
+        return table
+
+    def short(self):
+        layer, cell = self.layers[-1], self.predictions[-1][-1]
+        return f"layer {layer}: {token_label(cell[0][2])} {cell[0][1]:.2f}"
+
+
+@dataclass
+class PredictResult(Result):
+    """Top tokens a hidden state decodes to, one row per (array, position)."""
+
+    rows: list[tuple[str, list[tuple]]]  # (label, [(id, score, text), ...])
+    kind: str = "predict"
+
+    def data(self):
+        return {"rows": [{"label": label, "predictions": prediction_data(p)} for label, p in self.rows]}
+
+    def body(self):
+        table = Table(title_justify="left")
+        table.add_column("")
+        k = max((len(p) for _, p in self.rows), default=0)
+        for rank in range(k):
+            table.add_column(f"top {rank + 1}")
+        for label, predictions in self.rows:
+            table.add_row(Text(label), *[Text(f"{token_label(t)} {s:.2f}", style=colour_of(i)) for i, s, t in predictions])
+        return table
+
+    def short(self):
+        label, predictions = self.rows[-1]
+        return " ".join(f"{token_label(t)} {s:.1f}" for _, s, t in predictions[:3])
+
+
+@dataclass
+class PatchResult(Result):
+    """Activation patching: recovery % per layer, drawn as a bar chart."""
+
+    component: str
+    metric: str
+    recovery: dict[int, float]
+    kind: str = "patch"
+    plot: str | None = None
+
+    def data(self):
+        return {
+            "component": self.component,
+            "metric": self.metric,
+            "recovery": {str(k): float(v) for k, v in self.recovery.items()},
+            "plot": self.plot,
+        }
+
+    def body(self):
+        title = Text(f"patching {self.component} ({self.metric}): recovery % per layer")
+        table = Table(title=title, title_justify="left")
+        table.add_column("layer", justify="right")
+        table.add_column("recovery", justify="right")
+        table.add_column("")
+        finite = [abs(v) for v in self.recovery.values() if math.isfinite(v)]
+        scale = max(finite + [1e-9])
+        for layer, value in self.recovery.items():
+            width = int(round(abs(value) / scale * 30)) if math.isfinite(value) else 0
+            bar = Text("█" * width, style="green" if value >= 0 else "red")
+            table.add_row(str(layer), f"{value:+.1f}%", bar)
+        if self.plot:
+            return Group(table, Text(f"plot: {self.plot}", style="dim"))
+        return table
+
+    def short(self):
+        finite = {k: v for k, v in self.recovery.items() if math.isfinite(v)}
+        if not finite:
+            return f"patch {self.component}: no finite recovery"
+        best = max(finite, key=finite.get)
+        return f"best layer {best}: {finite[best]:+.1f}%"

@@ -1,0 +1,121 @@
+"""`mlxterp run FILE.mlxq`: run a query script in this process and print each result.
+
+Statements run in order; the first error (a parse error or one met while running) is
+printed with its line, column and underlined span, and ends the run with exit status 1
+unless --keep-going. With --json each statement prints one JSON object on its own line:
+{"line", "statement", "ok", "result" | "error"}; arrays carry their bytes base64-encoded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import sys
+from pathlib import Path
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mlxterp run", description="Run a .mlxq query script.")
+    parser.add_argument("file", metavar="FILE.mlxq", help="the script to run ('-' reads standard input)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object per statement")
+    parser.add_argument("--keep-going", action="store_true", help="go on after an error (exit status is still 1)")
+    parser.add_argument("--model", metavar="M", help="load this model first (demo, a directory or a hub id)")
+    return parser
+
+
+def jsonable(value):
+    """Plain data with bytes turned into base64 text, so json.dumps takes it."""
+    if isinstance(value, bytes):
+        return base64.b64encode(value).decode("ascii")
+    if isinstance(value, dict):
+        out = {str(k): jsonable(v) for k, v in value.items()}
+        if isinstance(value.get("data"), bytes):
+            out["encoding"] = "base64"
+        return out
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    return value
+
+
+def run_script(source: str, session, *, as_json: bool = False, keep_going: bool = False,
+               out=None, err=None) -> int:
+    """Run `source` in `session`, printing as `mlxterp run` does; return the exit status."""
+    from rich.console import Console
+
+    from mlxterp_repl.dsl import parse
+
+    out = out or sys.stdout
+    err = err or sys.stderr
+    console = Console(file=out, soft_wrap=False)
+    parsed = parse(source)
+    items = [(s.span.line, s.span.col, s) for s in parsed.statements]
+    items += [(e.span.line, e.span.col, e) for e in parsed.errors]
+    items.sort(key=lambda item: (item[0], item[1]))
+    status = 0
+    for line, _col, item in items:
+        error, result = None, None
+        text = item.text if hasattr(item, "text") else source.split("\n")[line - 1].strip()
+        if isinstance(item, Exception):
+            error = item
+        else:
+            from mlxterp_repl.dsl import QueryError
+
+            try:
+                result = session.execute_statement(item)
+            except QueryError as exc:
+                error = exc
+        if as_json:
+            record = {"line": line, "statement": text, "ok": error is None}
+            if error is None:
+                record["result"] = jsonable(result.to_data())
+            else:
+                record["error"] = error.to_data()
+            print(json.dumps(record, ensure_ascii=False), file=out, flush=True)
+        elif error is None:
+            console.print(f"[dim]{line}:[/dim] [bold]{escape(text)}[/bold]")
+            console.print(result.render())
+        else:
+            print(error.render(source), file=err, flush=True)
+        if error is not None:
+            status = 1
+            if not keep_going:
+                break
+    return status
+
+
+def escape(text: str) -> str:
+    from rich.markup import escape as rich_escape
+
+    return rich_escape(text)
+
+
+def main(argv: list[str]) -> int:
+    options = build_parser().parse_args(argv)
+    if options.file == "-":
+        source = sys.stdin.read()
+    else:
+        path = Path(options.file)
+        if not path.is_file():
+            print(f"mlxterp run: no such file: {options.file}", file=sys.stderr)
+            return 2
+        source = path.read_text(encoding="utf-8")
+
+    from mlxterp.errors import MlxterpError
+
+    from mlxterp_repl.dsl import Session
+
+    session = Session()
+    if options.model:
+        from mlxterp import InterpretableModel
+
+        try:
+            session.model = InterpretableModel(options.model)
+        except MlxterpError as error:
+            print(f"mlxterp run: cannot load --model {options.model}: {error}", file=sys.stderr)
+            return 2
+    try:
+        return run_script(source, session, as_json=options.json, keep_going=options.keep_going)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,126 @@
+"""Activation patching: recovery per layer (and position), batched, finite on large vocabularies."""
+
+import math
+
+import mlx.core as mx
+import pytest
+from conftest import tiny_llama
+
+from mlxterp import InterpretableModel
+from mlxterp.analysis import activation_patching, distance
+from mlxterp.errors import InputError, UnknownModuleError
+from mlxterp.interventions import replace_with
+
+CLEAN, CORRUPTED = "Paris is the capital of France", "London is the capital of France"
+CLEAN_IDS, CORRUPTED_IDS = [1, 5, 7, 9, 11, 13], [1, 6, 7, 9, 11, 13]
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return InterpretableModel(tiny_llama(n_layers=4, vocab=100))
+
+
+def one_run_per_layer(model, clean, corrupted, component, metric):
+    """The slow reference: one patched forward pass per layer."""
+    with model.trace([clean]) as tr:
+        acts = [tr.save(model.resolve(f"layers.{i}.{component}")) for i in range(model.n_layers)]
+        clean_logits = model.output.save()[0, -1]
+    with model.trace([corrupted]):
+        corrupted_logits = model.output.save()[0, -1]
+    base = distance(metric, corrupted_logits, clean_logits).item()
+    out = {}
+    for layer in range(model.n_layers):
+        with model.trace([corrupted], interventions={f"layers.{layer}.{component}": replace_with(acts[layer])}):
+            patched = model.output.save()[0, -1]
+        out[layer] = 100 * (base - distance(metric, patched, clean_logits).item()) / base
+    return out
+
+
+@pytest.mark.parametrize("component", ["mlp", "attn", "mlp.gate_proj", "self_attn.q_proj"])
+@pytest.mark.parametrize("metric", ["l2", "mse", "cosine"])
+def test_batched_sweep_equals_one_run_per_layer(tiny, component, metric):
+    batched = activation_patching(tiny, CLEAN_IDS, CORRUPTED_IDS, component=component, metric=metric)
+    reference = one_run_per_layer(tiny, CLEAN_IDS, CORRUPTED_IDS, component, metric)
+    assert batched == pytest.approx(reference, abs=1e-4)
+    assert any(abs(v) > 0.1 for v in batched.values())
+
+
+def test_clean_runs_once_and_patched_rows_share_forward_passes(tiny):
+    before = tiny.forward_count
+    activation_patching(tiny, CLEAN_IDS, CORRUPTED_IDS, component="mlp")
+    assert tiny.forward_count - before == 2  # the clean run + one batch of 1 + 4 rows
+    before = tiny.forward_count
+    small_batches = activation_patching(tiny, CLEAN_IDS, CORRUPTED_IDS, component="mlp", batch_size=2)
+    assert tiny.forward_count - before == 1 + 3
+    assert small_batches == pytest.approx(activation_patching(tiny, CLEAN_IDS, CORRUPTED_IDS), abs=1e-4)
+
+
+def test_whole_layer_patch_recovers_everything(tiny):
+    for component in (None, "layer"):
+        results = activation_patching(tiny, CLEAN_IDS, CORRUPTED_IDS, component=component)
+        assert results == pytest.approx({layer: 100.0 for layer in range(4)}, abs=1e-3)
+
+
+def test_patching_by_position(tiny):
+    grid = activation_patching(tiny, CLEAN_IDS, CORRUPTED_IDS, component="layer", positions="all")
+    assert sorted(grid) == [0, 1, 2, 3] and sorted(grid[0]) == list(range(6))
+    # before the token that differs, the clean and corrupted states are equal: nothing to recover
+    assert grid[2][0] == pytest.approx(0.0, abs=1e-6)
+    # the last layer's last position is all the logits depend on
+    assert grid[3][5] == pytest.approx(100.0, abs=1e-3)
+    assert grid[3][1] == pytest.approx(0.0, abs=1e-6)
+    some = activation_patching(tiny, CLEAN_IDS, CORRUPTED_IDS, component="mlp", positions=[1, -1], layers=[0])
+    assert sorted(some[0]) == [1, 5]
+
+
+def test_logit_difference_metric(tiny):
+    results = activation_patching(tiny, CLEAN_IDS, CORRUPTED_IDS, component="layer", metric="logit_diff",
+                                  answers=(3, 4), positions=[5], layers=[3])
+    assert results[3][5] == pytest.approx(100.0, abs=1e-3)
+    with pytest.raises(InputError, match="answers"):
+        activation_patching(tiny, CLEAN_IDS, CORRUPTED_IDS, metric="logit_diff")
+
+
+def test_guide_prompts_give_finite_recoveries_for_every_layer_and_metric(demo_model):
+    for component in ("mlp", "attn", "self_attn", "layer", "mlp.gate_proj", "self_attn.q_proj"):
+        for metric in ("l2", "mse", "cosine"):
+            results = demo_model.activation_patching(CLEAN, CORRUPTED, component=component, metric=metric)
+            assert sorted(results) == list(range(demo_model.n_layers))
+            assert all(math.isfinite(v) for v in results.values()), (component, metric, results)
+    answers = demo_model.activation_patching(CLEAN, CORRUPTED, component="layer", metric="logit_diff",
+                                             answers=(" Paris", " London"), layers=[0, 15], positions=[1])
+    assert all(math.isfinite(v) for row in answers.values() for v in row.values())
+
+
+def test_finite_on_a_150k_vocabulary_in_float16():
+    base = tiny_llama(n_layers=2, hidden=32, vocab=150_000)
+    base.set_dtype(mx.float16)
+    model = InterpretableModel(base)
+    for metric in ("l2", "mse", "cosine"):
+        results = activation_patching(model, CLEAN_IDS, [1, 140_000, 7, 9, 11, 13], component="mlp", metric=metric)
+        assert all(math.isfinite(v) for v in results.values()), (metric, results)
+
+
+def test_l2_distance_does_not_overflow_on_huge_logits():
+    a = mx.full((150_000,), 3e4, dtype=mx.float16)
+    assert math.isfinite(distance("l2", a, -a).item())
+
+
+def test_bad_arguments_are_clear_errors(tiny):
+    with pytest.raises(InputError, match="same number of tokens"):
+        activation_patching(tiny, CLEAN_IDS, CORRUPTED_IDS[:-1])
+    with pytest.raises(InputError, match="l2, mse, cosine"):
+        activation_patching(tiny, CLEAN_IDS, CORRUPTED_IDS, metric="kl")
+    with pytest.raises(UnknownModuleError):
+        activation_patching(tiny, CLEAN_IDS, CORRUPTED_IDS, component="mlp.gate")
+    with pytest.raises(Exception, match="same output"):
+        activation_patching(tiny, CLEAN_IDS, CLEAN_IDS)
+
+
+def test_plot_writes_a_png(tiny, tmp_path):
+    path = tmp_path / "patch.png"
+    activation_patching(tiny, CLEAN_IDS, CORRUPTED_IDS, plot=True, save_path=str(path))
+    assert path.read_bytes()[:4] == b"\x89PNG"
+    grid_path = tmp_path / "grid.png"
+    activation_patching(tiny, CLEAN_IDS, CORRUPTED_IDS, positions="all", plot=True, save_path=str(grid_path))
+    assert grid_path.read_bytes()[:4] == b"\x89PNG"
