@@ -19,6 +19,8 @@ WITH_OPENBLAS := $(if $(OPENBLAS),LD_PRELOAD="$(OPENBLAS)",)
 
 demo: $(STAMP)
 	$(WITH_OPENBLAS) $(VENV)/bin/python examples/tour.py
+	$(VENV)/bin/mlxterp run examples/tour.mlxq
+	$(VENV)/bin/mlxterp status
 
 test: $(STAMP)
 	$(WITH_OPENBLAS) $(VENV)/bin/python -m pytest

@@ -7,6 +7,11 @@ in memory and streamed to safetensors shards, and checks a few prompts
 against one-at-a-time collection.
 """
 
+from mlxterp_repl.blas import blas_in_use, reexec_with_openblas
+
+reexec_with_openblas()  # before mlx loads: MLX's bundled reference BLAS is ~5x slower
+
+import os
 import random
 import tempfile
 import time
@@ -29,11 +34,13 @@ def main():
     data = prompts(1000)
     n_tokens = sum(len(model.encode(p)) for p in data)
     layers = [3, 8, 12]
-    print(f"model: {model}\n{len(data)} prompts, {n_tokens} tokens")
+    print(f"BLAS: {blas_in_use()}")
+    print(f"model: {model}\n{len(data)} prompts, {n_tokens} tokens, load average {os.getloadavg()[0]:.1f}")
     batch_get_activations(model, data[:64], layers, batch_size=32, progress=False)  # warm up
+    results = {}
     for batch_size in (8, 32, 64):
         start = time.perf_counter()
-        acts = batch_get_activations(model, data, layers, batch_size=batch_size, progress=False)
+        results[batch_size] = batch_get_activations(model, data, layers, batch_size=batch_size, progress=False)
         elapsed = time.perf_counter() - start
         print(f"batch_size {batch_size:3d}: {elapsed:6.2f} s   {n_tokens / elapsed:9.0f} tokens/s   "
               f"{len(data) / elapsed:7.1f} prompts/s")
@@ -43,7 +50,8 @@ def main():
         elapsed = time.perf_counter() - start
         print(f"streamed to shards (batch 32): {elapsed:6.2f} s   {n_tokens / elapsed:9.0f} tokens/s")
         loaded = load_activations(directory)
-    assert all(np.allclose(np.array(loaded[k]), np.array(acts[k]), atol=1e-5) for k in acts)
+    acts = results[32]
+    assert all(np.allclose(np.array(loaded[k]), np.array(acts[k]), atol=1e-4) for k in acts)
     for i in (0, 17, 999):
         alone = get_activations(model, [data[i]], layers)
         assert all(np.allclose(np.array(alone[k][0]), np.array(acts[k][i]), atol=1e-4) for k in acts)

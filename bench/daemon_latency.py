@@ -36,18 +36,19 @@ def timed(fn, n: int) -> list[float]:
 
 
 def line(name: str, samples: list[float]) -> str:
-    return (f"{name:<28} n={len(samples):<4} p50 {statistics.median(samples):7.2f} ms   "
+    return (f"{name:<34} n={len(samples):<4} p50 {statistics.median(samples):7.2f} ms   "
             f"p95 {percentile(samples, 95):7.2f} ms   max {max(samples):7.2f} ms")
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=200, help="round trips per measurement")
+    parser.add_argument("--model", default="demo", help="model the daemon loads")
     parser.add_argument("--uncached", type=int, default=30, help="round trips of the uncached query")
     options = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="mlxterp-bench-") as runtime:
         started = time.perf_counter()
-        client = connect(runtime_dir=runtime)
+        client = connect(runtime_dir=runtime, model=options.model)
         print(f"daemon started and greeted in {(time.perf_counter() - started) * 1000:.0f} ms")
         try:
             client.exec(f'prompt "{PROMPT}"')

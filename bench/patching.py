@@ -3,11 +3,17 @@
     python bench/patching.py
 
 Prints both timings, the speedup, and checks that both give the same
-recoveries (to 1e-4). The batched sweep runs the clean prompt once and all
-patched corrupted runs as rows of one batch; the reference also runs the
-clean and corrupted prompts once, then one patched forward pass per layer.
+recoveries (to 1e-4 of full recovery). The batched sweep is one forward pass:
+the clean prompt, the corrupted prompt and one patched corrupted row per layer.
+The reference runs the clean and corrupted prompts once, then one patched
+forward pass per layer. Times are the best of 7 runs, the two sweeps alternating.
 """
 
+from mlxterp_repl.blas import blas_in_use, reexec_with_openblas
+
+reexec_with_openblas()  # before mlx loads: MLX's bundled reference BLAS is ~5x slower
+
+import os
 import time
 
 import mlx.core as mx
@@ -36,31 +42,36 @@ def one_run_per_layer(model, component, metric):
     return results
 
 
-def best_time(fn, repeats=3):
-    fn()  # warm up
-    times = []
+def best_times(first, second, repeats=7):
+    """Best time of each of two functions, run alternately so load changes hit both alike."""
+    results = [first(), second()]  # warm up
+    times = [[], []]
     for _ in range(repeats):
-        start = time.perf_counter()
-        result = fn()
-        times.append(time.perf_counter() - start)
-    return min(times), result
+        for k, fn in enumerate((first, second)):
+            start = time.perf_counter()
+            results[k] = fn()
+            times[k].append(time.perf_counter() - start)
+    return min(times[0]), results[0], min(times[1]), results[1]
 
 
 def main():
     model = InterpretableModel("demo")
-    print(f"model: {model}")
+    print(f"BLAS: {blas_in_use()}")
+    print(f"model: {model}, load average {os.getloadavg()[0]:.1f}")
     worst = 0.0
     for component in ("mlp", "attn"):
         for metric in ("l2", "mse", "cosine"):
-            batched_time, batched = best_time(lambda: activation_patching(model, CLEAN, CORRUPTED, component, metric=metric))
-            naive_time, naive = best_time(lambda: one_run_per_layer(model, component, metric))
+            batched_time, batched, naive_time, naive = best_times(
+                lambda: activation_patching(model, CLEAN, CORRUPTED, component, metric=metric),
+                lambda: one_run_per_layer(model, component, metric))
             diff = max(abs(batched[k] - naive[k]) for k in naive)
             worst = max(worst, diff)
             print(f"{component:5s} {metric:6s}  batched {batched_time * 1000:7.1f} ms   "
                   f"one run per layer {naive_time * 1000:7.1f} ms   speedup {naive_time / batched_time:4.1f}x   "
                   f"max |difference| {diff:.2e} (percentage points)")
-    assert worst < 1e-4, f"batched and per-layer sweeps disagree by {worst}"
-    print(f"same numbers: max difference {worst:.2e} < 1e-4")
+    # Recovery is a percentage: 1e-4 of full recovery is 0.01 percentage points.
+    assert worst < 1e-2, f"batched and per-layer sweeps disagree by {worst} percentage points"
+    print(f"same numbers: max difference {worst:.2e} percentage points (< 1e-4 of full recovery)")
 
 
 if __name__ == "__main__":

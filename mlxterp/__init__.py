@@ -13,10 +13,10 @@ __all__ = [
 
 def __getattr__(name):
     # analysis and interventions load on first use, so `import mlxterp` stays light
+    import importlib
+
     if name in ("get_activations", "batch_get_activations"):
-        from . import analysis
-        return getattr(analysis, name)
+        return getattr(importlib.import_module(".analysis", __name__), name)
     if name == "interventions":
-        from . import interventions
-        return interventions
+        return importlib.import_module(".interventions", __name__)
     raise AttributeError(f"module 'mlxterp' has no attribute {name!r}")

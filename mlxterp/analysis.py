@@ -7,8 +7,10 @@
   position, from one forward pass.
 * ``activation_patching`` measures how much of the clean output a corrupted
   run recovers when one layer's component (or one position of it) takes its
-  clean value. The clean prompt runs once; the patched runs go through
-  batched forward passes, one row per patched (layer, position).
+  clean value. The clean prompt runs once and the patched runs are rows of
+  batched forward passes, one row per patched (layer, position). When they
+  all fit in one batch, the clean prompt is row 0 of that same batch and the
+  patched rows copy from it: the whole sweep is one forward pass.
 
 Recovery, in percent, for a distance metric ``d`` on the last position's logits::
 
@@ -114,6 +116,13 @@ def logit_lens(model, text, layers: Optional[Iterable[int]] = None, top_k: int =
     with model.trace(text, capture=names) as tr:
         hidden = {layer: tr.save(name) for layer, name in zip(layers, names)}
 
+    strings = {}
+
+    def token_str(token_id):
+        if token_id not in strings:
+            strings[token_id] = model.token_to_str(token_id)
+        return strings[token_id]
+
     results = {}
     for layer in layers:
         states = hidden[layer][0]
@@ -121,7 +130,7 @@ def logit_lens(model, text, layers: Optional[Iterable[int]] = None, top_k: int =
             states = states[position:position + 1]
         ids, scores = _top_k(unembed(model, states), top_k)
         per_position = [
-            [(token_id, score, model.token_to_str(token_id)) for token_id, score in zip(row_ids, row_scores)]
+            [(token_id, score, token_str(token_id)) for token_id, score in zip(row_ids, row_scores)]
             for row_ids, row_scores in zip(ids.tolist(), scores.tolist())
         ]
         results[layer] = per_position[0] if position is not None else per_position
@@ -156,7 +165,8 @@ def activation_patching(model, clean_text, corrupted_text, component: Optional[s
     Returns ``{layer: recovery %}``; with ``positions`` (a list of positions,
     or ``"all"``) each position is patched on its own and the result is
     ``{layer: {position: recovery %}}``. The clean prompt runs once; the
-    patched runs go ``batch_size`` rows per forward pass.
+    patched runs go ``batch_size`` rows per forward pass (a sweep that fits in
+    one batch, clean and corrupted rows included, is a single forward pass).
     """
     if metric not in METRICS:
         raise InputError(f"unknown metric {metric!r}; choose one of {', '.join(METRICS)}")
@@ -170,6 +180,9 @@ def activation_patching(model, clean_text, corrupted_text, component: Optional[s
             f"the clean and corrupted prompts must have the same number of tokens to patch position by position; "
             f"got {len(clean_tokens)} and {len(corrupted_tokens)}"
         )
+    if clean_tokens == corrupted_tokens:
+        raise InputError("the clean and corrupted prompts are the same tokens, so there is nothing to recover; "
+                         "give prompts that differ")
     length = len(clean_tokens)
     names = {layer: component_name(model, layer, component) for layer in layers}
     by_position = positions is not None
@@ -180,22 +193,29 @@ def activation_patching(model, clean_text, corrupted_text, component: Optional[s
     else:
         position_list = [_check_position(p, length) for p in _as_list(positions)]
 
-    # The clean run, once: every patched activation and the clean logits.
-    with model.trace([clean_tokens], capture=list(names.values())) as tr:
-        clean = {layer: tr.save(names[layer]) for layer in layers}
-        clean_logits = model.output.save()
-    clean_last = clean_logits[0, -1].astype(mx.float32)
-
-    # Row 0 of the first batch is the unpatched corrupted run.
     jobs = [(layer, position) for layer in layers for position in position_list]
-    rows_logits = []
-    corrupted_ids = mx.array([corrupted_tokens])
-    pending = [None] + jobs
-    for start in range(0, len(pending), batch_size):
-        chunk = pending[start:start + batch_size]
-        rows_logits.append(_patched_last_logits(model, corrupted_ids, chunk, names, clean))
-    last = mx.concatenate(rows_logits, axis=0)
-    corrupted_last, patched_last = last[0], last[1:]
+    if len(jobs) + 2 <= batch_size:
+        # One forward pass: row 0 clean, row 1 corrupted, row 2+i corrupted with jobs[i]
+        # patched from row 0 of the same module (the clean run happens once, in the batch).
+        batch = mx.array([clean_tokens] + [corrupted_tokens] * (len(jobs) + 1))
+        last = _last_logits(model, batch, _row_patches(jobs, names, first_row=2, source=lambda layer: None))
+        clean_last, corrupted_last, patched_last = last[0], last[1], last[2:]
+    else:
+        # The clean run, once, then batches of the corrupted prompt; row 0 of the first is unpatched.
+        with model.trace([clean_tokens], capture=list(names.values())) as tr:
+            clean = {layer: tr.save(names[layer]) for layer in layers}
+            clean_logits = model.output.save()
+        clean_last = clean_logits[0, -1].astype(mx.float32)
+        pending = [None] + jobs
+        pieces = []
+        for start in range(0, len(pending), batch_size):
+            chunk = pending[start:start + batch_size]
+            batch = mx.array([corrupted_tokens] * len(chunk))
+            patches = _row_patches([j for j in chunk if j is not None], names,
+                                   first_row=1 if chunk[0] is None else 0, source=clean.get)
+            pieces.append(_last_logits(model, batch, patches))
+        last = mx.concatenate(pieces, axis=0)
+        corrupted_last, patched_last = last[0], last[1:]
 
     scores = _recovery(metric, clean_last, corrupted_last, patched_last,
                        _answer_ids(model, answers) if metric == "logit_diff" else None)
@@ -218,20 +238,31 @@ def activation_patching(model, clean_text, corrupted_text, component: Optional[s
     return results
 
 
-def _patched_last_logits(model, corrupted_ids, chunk, names, clean) -> mx.array:
-    """Last-position logits of one batch: row i is the corrupted run with chunk[i] patched."""
-    rows_by_name: Dict[str, List[Tuple[int, Optional[int], int]]] = {}
-    for row, job in enumerate(chunk):
-        if job is None:
-            continue
-        layer, position = job
-        rows_by_name.setdefault(names[layer], []).append((row, position, layer))
-    interventions = {}
-    for name, entries in rows_by_name.items():
-        layer = entries[0][2]
-        interventions[name] = replace_rows(clean[layer], [r for r, _, _ in entries], [p for _, p, _ in entries])
-    batch = mx.repeat(corrupted_ids, len(chunk), axis=0)
-    with model.trace(batch, interventions=interventions, capture=[]) as tr:
+def _row_patches(jobs, names, first_row: int, source) -> Dict[str, object]:
+    """Interventions patching row ``first_row + i`` at ``jobs[i] = (layer, position)``.
+
+    ``source(layer)`` is the clean activation to patch in, or ``None`` to take it
+    from row 0 of the same batch (the clean prompt running alongside).
+    """
+    by_name: Dict[str, List[Tuple[int, Optional[int]]]] = {}
+    layer_of = {}
+    for i, (layer, position) in enumerate(jobs):
+        by_name.setdefault(names[layer], []).append((first_row + i, position))
+        layer_of[names[layer]] = layer
+    patches = {}
+    for name, entries in by_name.items():
+        rows, positions = [r for r, _ in entries], [p for _, p in entries]
+        clean = source(layer_of[name])
+        if clean is None:
+            patches[name] = lambda a, rows=rows, positions=positions: replace_rows(a[:1], rows, positions)(a)
+        else:
+            patches[name] = replace_rows(clean, rows, positions)
+    return patches
+
+
+def _last_logits(model, batch: mx.array, interventions) -> mx.array:
+    """Float32 logits at the last position of each row of ``batch`` under ``interventions``."""
+    with model.trace(batch, interventions=interventions, capture=[]):
         logits = model.output.save()
     return logits[:, -1].astype(mx.float32)
 
@@ -272,7 +303,8 @@ def distance(metric: str, a: mx.array, b: mx.array) -> mx.array:
     if metric == "cosine":
         a = a / mx.maximum(mx.linalg.norm(a, axis=-1, keepdims=True), 1e-30)
         b = b / mx.maximum(mx.linalg.norm(b, axis=-1, keepdims=True), 1e-30)
-        return 1.0 - mx.sum(a * b, axis=-1)
+        # 1 - cos(a, b) written as half the squared distance of the unit vectors: no cancellation
+        return 0.5 * mx.sum(mx.square(a - b), axis=-1)
     raise InputError(f"unknown metric {metric!r}; choose one of l2, mse, cosine")
 
 

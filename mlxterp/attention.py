@@ -18,6 +18,7 @@ from typing import Dict, Iterable, Optional, Sequence, Union
 
 import mlx.core as mx
 
+from .analysis import layer_list
 from .errors import MlxterpError
 
 # mlx-lm modules whose Attention computes q/k as recomputed here.
@@ -35,7 +36,7 @@ def get_attention_patterns(model, inputs, layers: Optional[Union[int, Iterable[i
     Rows of a padded batch have zero probability on their padding keys, and
     padding query positions are all zeros.
     """
-    layers = _layer_list(model, layers)
+    layers = layer_list(model, layers)
     modules = dict(model.named_modules())
     attention_names = {layer: model.resolve(f"layers.{layer}.attn") for layer in layers}
     for layer, name in attention_names.items():
@@ -130,19 +131,6 @@ def _sliding_window(model, block) -> Optional[int]:
         return None
     args = getattr(block, "args", None)
     return getattr(args, "sliding_window", None)
-
-
-def _layer_list(model, layers) -> list:
-    n_layers = model.n_layers
-    if layers is None:
-        return list(range(n_layers))
-    if isinstance(layers, int):
-        layers = [layers]
-    result = []
-    for layer in layers:
-        model.resolve(f"layers.{layer}")  # raises LayerIndexError for a bad index
-        result.append(layer % n_layers)
-    return result
 
 
 def _architecture_name(model) -> Optional[str]:

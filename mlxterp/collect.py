@@ -12,7 +12,18 @@ shows a progress bar when the run takes more than a few seconds, and with
 ``out=PATH`` streams the results to safetensors shards instead of memory;
 ``load_activations(PATH)`` reads them back (``iter_activation_shards`` one
 shard at a time for data sets larger than memory).
+
+Past one machine (``group=``, an ``mx.distributed`` group started by
+``mlx.launch``): shard ``k`` (prompts ``k*shard_size`` ...) is computed by
+process ``k % size``, so every shard holds exactly what a one-process run
+writes. Each process writes its own shards; process 0 writes ``meta.json``
+(the index the loader reads) once all are done. ``run.json`` describes the
+run: the same call on a directory holding some of its shards (a stopped run)
+computes only the missing ones. Without ``out`` every process gets all the
+results.
 """
+
+import hashlib
 
 import json
 import os
@@ -22,6 +33,7 @@ from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Un
 
 import mlx.core as mx
 
+from . import distributed
 from .analysis import layer_list
 from .errors import InputError
 
@@ -54,25 +66,41 @@ def get_activations(model, prompts, layers, positions: Union[int, Sequence[int]]
 
 def batch_get_activations(model, prompts, layers, batch_size: int = 32,
                           positions: Union[int, Sequence[int]] = -1, out: Optional[Union[str, Path]] = None,
-                          shard_size: int = 4096, progress: Optional[bool] = None):
+                          shard_size: int = 4096, progress: Optional[bool] = None, group=None):
     """``get_activations`` over ``prompts`` in batches of ``batch_size``.
 
     Returns ``{key: array (n, ...)}`` in the order of ``prompts``; with ``out``
     writes safetensors shards of ``shard_size`` prompts to that directory and
     returns its path (read it with ``load_activations``). ``progress``: ``None``
-    shows a bar only when the run looks longer than a few seconds.
+    shows a bar only when the run looks longer than a few seconds. ``group``:
+    split the prompts over the processes of an ``mx.distributed`` group (every
+    process calls this with the same arguments); the bar shows on process 0.
     """
     prompts = _prompt_list(prompts)
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise InputError(f"batch_size must be a positive integer, got {batch_size!r}")
-    writer = ShardWriter(out, n_prompts=len(prompts)) if out is not None else None
     shard_size = max(batch_size, (shard_size // batch_size) * batch_size)
+    rank, size = (group.rank(), group.size()) if group is not None else (0, 1)
+    starts = list(range(0, len(prompts), shard_size))
+    mine = [k for k in range(len(starts)) if k % size == rank]
+    writer = None
+    if out is not None:
+        run = _run_description(model, prompts, layers, positions, batch_size, shard_size)
+        writer = ShardWriter(out, n_prompts=len(prompts), run=run, group=group)
 
-    batches_total = (len(prompts) + batch_size - 1) // batch_size
-    bar = _LazyProgress(batches_total, enabled=progress)
+    def n_batches(k):
+        return (min(shard_size, len(prompts) - starts[k]) + batch_size - 1) // batch_size
+
+    bar = _LazyProgress(sum(n_batches(k) for k in mine), enabled=progress if rank == 0 else False,
+                        label="Collecting activations" + (f" (process 0 of {size})" if size > 1 else ""))
     collected: Dict[str, List[mx.array]] = {}
+    windows: List[Tuple[int, Dict[str, mx.array]]] = []
     try:
-        for start in range(0, len(prompts), shard_size):
+        for k in mine:
+            start = starts[k]
+            if writer is not None and writer.done(k):
+                bar.advance(n_batches(k))
+                continue
             window = list(range(start, min(start + shard_size, len(prompts))))
             # Similar lengths in one batch means little padding; results go back to prompt order.
             window.sort(key=lambda i: len(prompts[i]))
@@ -85,15 +113,48 @@ def batch_get_activations(model, prompts, layers, batch_size: int = 32,
                 bar.advance()
             ordered = {key: _in_prompt_order(parts, start) for key, parts in pieces.items()}
             if writer is not None:
-                writer.write(ordered, first_index=start)
+                writer.write(ordered, first_index=start, number=k)
+            elif size > 1:
+                windows.append((start, ordered))
             else:
                 for key, value in ordered.items():
                     collected.setdefault(key, []).append(value)
     finally:
         bar.close()
     if writer is not None:
-        return writer.finish()
+        return writer.finish([(starts[k], min(shard_size, len(prompts) - starts[k])) for k in range(len(starts))])
+    if size > 1:
+        return _gather_rows(windows, len(prompts), group)
     return {key: mx.concatenate(parts, axis=0) for key, parts in collected.items()}
+
+
+def _run_description(model, prompts, layers, positions, batch_size, shard_size) -> dict:
+    """What makes shards of one run interchangeable: resuming needs all of it to match."""
+    digest = hashlib.sha256(json.dumps(prompts).encode()).hexdigest()
+    layer_list_ = [layers] if isinstance(layers, (int, str)) else list(layers)
+    return {
+        "n_prompts": len(prompts), "prompts_sha256": digest, "layers": layer_list_,
+        "positions": positions if isinstance(positions, int) else list(positions),
+        "batch_size": batch_size, "shard_size": shard_size,
+        "model": f"{type(model.model).__name__}, {model.n_layers} layers, hidden {model.hidden_size}",
+    }
+
+
+def _gather_rows(windows, n_prompts: int, group) -> Dict[str, mx.array]:
+    """Every process's rows, in prompt order, on every process (one all_sum per key)."""
+    described = {key: [list(v.shape[1:]), str(v.dtype)] for _, arrays in windows[:1] for key, v in arrays.items()}
+    for raw in distributed.all_gather_bytes(json.dumps(described).encode(), group):
+        described.update(json.loads(raw))
+    dtypes = {str(d): d for d in distributed.DTYPES}
+    result = {}
+    for key in sorted(described):
+        shape, dtype = described[key]
+        full = mx.zeros([n_prompts] + shape, dtype=dtypes[dtype])
+        for start, arrays in windows:
+            full[start:start + arrays[key].shape[0]] = arrays[key]
+        result[key] = mx.distributed.all_sum(full, group=group)
+        mx.eval(result[key])
+    return result
 
 
 def _in_prompt_order(parts, start: int) -> mx.array:
@@ -108,28 +169,70 @@ def _in_prompt_order(parts, start: int) -> mx.array:
 # -- shards on disk ----------------------------------------------------------------
 
 class ShardWriter:
-    """Writes ``shard-00000.safetensors``, ... plus ``meta.json`` into one directory."""
+    """Writes ``shard-00000.safetensors``, ... plus ``run.json`` and (at the end) ``meta.json`` into one directory.
 
-    def __init__(self, directory, n_prompts: int):
+    Shard ``k`` is the ``k``-th window of prompts, whichever process writes
+    it; a shard file appears whole (written aside, then renamed), so a
+    stopped run leaves only finished shards behind.
+    """
+
+    def __init__(self, directory, n_prompts: int, run: Optional[dict] = None, group=None):
         self.directory = Path(directory).expanduser()
-        if self.directory.exists() and any(self.directory.glob("shard-*.safetensors")):
-            raise InputError(f"{self.directory} already holds activation shards; give an empty or new directory")
-        self.directory.mkdir(parents=True, exist_ok=True)
         self.n_prompts = n_prompts
-        self.shards: List[dict] = []
+        self.run = run or {"n_prompts": n_prompts}
+        self.group = group
+        self.keys: dict = {}
+        run_file = self.directory / "run.json"
+        if self.directory.exists() and any(self.directory.glob("shard-*.safetensors")):
+            if not run_file.exists():
+                raise InputError(f"{self.directory} already holds activation shards; give an empty or new directory")
+            earlier = json.loads(run_file.read_text())
+            changed = sorted(k for k in set(earlier) | set(self.run) if earlier.get(k) != self.run.get(k))
+            if changed:
+                raise InputError(
+                    f"{self.directory} already holds activation shards of a different run (it differs in "
+                    f"{', '.join(changed)}); give an empty or new directory, or the same arguments to resume it"
+                )
+        distributed.barrier(group)
+        if group is None or group.rank() == 0:
+            self._write_run_file(run_file)
+        distributed.barrier(group)
+        if not run_file.exists():  # another machine's disk: each process keeps its own copy
+            self._write_run_file(run_file)
 
-    def write(self, arrays: Dict[str, mx.array], first_index: int) -> None:
+    def _write_run_file(self, run_file: Path) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        if not run_file.exists():
+            run_file.write_text(json.dumps(self.run, indent=1))
+
+    def path(self, number: int) -> Path:
+        return self.directory / f"shard-{number:05d}.safetensors"
+
+    def done(self, number: int) -> bool:
+        """True when shard ``number`` was written by an earlier (stopped) run: it is skipped."""
+        return self.path(number).exists()
+
+    def write(self, arrays: Dict[str, mx.array], first_index: int, number: Optional[int] = None) -> None:
         n = next(iter(arrays.values())).shape[0]
-        name = f"shard-{len(self.shards):05d}.safetensors"
+        number = len(list(self.directory.glob("shard-*.safetensors"))) if number is None else number
         tensors = dict(arrays)
         tensors[SHARD_INDEX] = mx.arange(first_index, first_index + n, dtype=mx.int64)
-        mx.save_safetensors(str(self.directory / name), tensors)
-        self.shards.append({"file": name, "first": first_index, "count": n})
-        self.keys = {k: {"shape": list(v.shape[1:]), "dtype": str(v.dtype)} for k, v in arrays.items()}
+        aside = self.directory / f".writing-{number:05d}.safetensors"
+        mx.save_safetensors(str(aside), tensors)
+        os.replace(aside, self.path(number))
 
-    def finish(self) -> Path:
-        meta = {"n_prompts": self.n_prompts, "keys": getattr(self, "keys", {}), "shards": self.shards}
-        (self.directory / "meta.json").write_text(json.dumps(meta, indent=1))
+    def finish(self, windows: List[Tuple[int, int]]) -> Path:
+        """Once every process is done, process 0 writes ``meta.json``: shards ``(first, count)`` in order."""
+        distributed.barrier(self.group)
+        if self.group is None or self.group.rank() == 0:
+            arrays = mx.load(str(self.path(0)))
+            keys = {k: {"shape": list(v.shape[1:]), "dtype": str(v.dtype)} for k, v in arrays.items() if k != SHARD_INDEX}
+            shards = [{"file": self.path(k).name, "first": first, "count": count}
+                      for k, (first, count) in enumerate(windows)]
+            meta = {"n_prompts": self.n_prompts, "keys": keys, "shards": shards,
+                    "processes": self.group.size() if self.group is not None else 1}
+            (self.directory / "meta.json").write_text(json.dumps(meta, indent=1))
+        distributed.barrier(self.group)
         return self.directory
 
 
@@ -137,6 +240,10 @@ def iter_activation_shards(directory, keys: Optional[Iterable[str]] = None) -> I
     """Yield each shard as ``{key: array, "index": prompt indices}``, in prompt order."""
     directory = Path(directory).expanduser()
     meta_file = directory / "meta.json"
+    if not meta_file.exists() and (directory / "run.json").exists():
+        found = len(list(directory.glob("shard-*.safetensors")))
+        raise InputError(f"the collection in {directory} did not finish ({found} shards written, no meta.json); "
+                         "run the same command again to resume it")
     if not meta_file.exists():
         raise InputError(f"{directory} is not an activation directory (no meta.json); "
                          "write one with batch_get_activations(..., out=PATH)")
@@ -147,6 +254,10 @@ def iter_activation_shards(directory, keys: Optional[Iterable[str]] = None) -> I
         if unknown:
             raise InputError(f"no activations named {sorted(unknown)} in {directory}; it has {sorted(meta['keys'])}")
     for shard in meta["shards"]:
+        if not (directory / shard["file"]).exists():
+            raise InputError(f"{directory} lacks {shard['file']} (prompts {shard['first']}.."
+                             f"{shard['first'] + shard['count'] - 1}); when processes on several machines wrote "
+                             "the shards, copy them all into this directory")
         arrays = mx.load(str(directory / shard["file"]))
         yield {k: v for k, v in arrays.items() if wanted is None or k in wanted}
 
@@ -219,7 +330,8 @@ def _gather_index(tokens, padding, length: int, positions: List[int], prompts) -
 class _LazyProgress:
     """A rich progress bar that appears only once the run looks longer than a few seconds."""
 
-    def __init__(self, total: int, enabled: Optional[bool]):
+    def __init__(self, total: int, enabled: Optional[bool], label: str = "Collecting activations"):
+        self.label = label
         self.total = total
         self.enabled = enabled
         self.done = 0
@@ -227,8 +339,8 @@ class _LazyProgress:
         self.progress = None
         self.task = None
 
-    def advance(self):
-        self.done += 1
+    def advance(self, n: int = 1):
+        self.done += n
         if self.progress is None and self.enabled is not False and self.done < self.total:
             elapsed = time.monotonic() - self.started
             expected = elapsed / self.done * self.total
@@ -237,7 +349,7 @@ class _LazyProgress:
 
                 self.progress = Progress(transient=True)
                 self.progress.start()
-                self.task = self.progress.add_task("Collecting activations", total=self.total)
+                self.task = self.progress.add_task(self.label, total=self.total)
         if self.progress is not None:
             self.progress.update(self.task, completed=self.done)
 

@@ -6,7 +6,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from . import loading
+from . import distributed, loading
 from .errors import LayerIndexError, TraceError, UnknownModuleError
 from .naming import OUTPUT, ModuleNames
 from .tokens import TokenizerHelpers
@@ -35,6 +35,13 @@ class InterpretableModel(TokenizerHelpers):
             )
         self.tokenizer = tokenizer
         self.names = ModuleNames(self.model, layer_attr)
+        # A model split with mlx-lm's pipeline(): names cover every process's layers (mlxterp.distributed).
+        self.pipeline_group = None
+        if distributed.pipeline_size(self.model) > 1:
+            self.pipeline_group = distributed.world()
+            distributed.complete_pipeline_names(self.names, self.pipeline_group)
+        # Pipeline or tensor parallel: traces evaluate the forward pass at once, on every process alike.
+        self.distributed_group = self.pipeline_group or distributed.tensor_group(self.model)
         self.layers = LayerList(self)
         self.forward_count = 0
         self._active_trace: Trace | None = None
@@ -100,7 +107,7 @@ class InterpretableModel(TokenizerHelpers):
                 "name": self.short_name(full),
                 "full_name": full,
                 "type": type(module).__name__,
-                "params": sum(v.size for _, v in tree_flatten(module.parameters())),
+                "params": getattr(module, "remote_params", None) or sum(v.size for _, v in tree_flatten(module.parameters())),
                 "layer": self.names.layer_index(full),
                 "children": [self.short_name(c) for c in children],
             })

@@ -67,7 +67,10 @@ def find_layers(root: nn.Module, layer_attr: str = "layers") -> str:
             if head:
                 owner = _get_path(module, head)
             value = owner.get(last) if isinstance(owner, nn.Module) else None
-            if isinstance(value, (list, tuple)) and value and all(isinstance(v, nn.Module) for v in value):
+            # A pipeline-sharded mlx-lm model keeps None where other processes own the layer.
+            if isinstance(value, (list, tuple)) and any(isinstance(v, nn.Module) for v in value) and all(
+                isinstance(v, nn.Module) or v is None for v in value
+            ):
                 candidates.append((wanted.index(attr), path.count("."), f"{path}.{attr}"))
     if not candidates:
         raise UnknownModuleError(
@@ -99,7 +102,15 @@ class ModuleNames:
                 raise
             self.layers_prefix = None
         layers = _get_path(root, self.layers_prefix.split(".", 1)[1]) if self.layers_prefix else []
-        self.n_layers = len(layers)
+        self.set_table(self.modules, len(layers))
+
+    def set_table(self, modules: dict[str, nn.Module], n_layers: int) -> None:
+        """Use ``modules`` (full name -> module, in model order) and ``n_layers`` layers as the table.
+
+        mlxterp.distributed calls it with the modules of every process of a pipeline-sharded model.
+        """
+        self.modules = modules
+        self.n_layers = n_layers
         self.layer_names = [f"{self.layers_prefix}.{i}" for i in range(self.n_layers)]
         self._short = {full: self._shortest_unique(full) for full in self.modules}
 

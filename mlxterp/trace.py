@@ -127,17 +127,15 @@ class Activations(dict):
         self._trace = trace
 
     def __getitem__(self, name):
-        full = self._trace.model.resolve(name)
-        if not dict.__contains__(self, full):
-            raise TraceError(self._trace._not_captured(full))
-        self._trace._saved.add(full)
-        return dict.__getitem__(self, full)
+        return self._trace.save(self._trace.model.resolve(name))
 
     def __contains__(self, name):
         try:
-            return dict.__contains__(self, self._trace.model.resolve(name))
+            full = self._trace.model.resolve(name)
         except Exception:
             return False
+        # Pipeline-sharded: a module another process ran is here once shared (see Trace.save).
+        return dict.__contains__(self, full) or (self._trace._open and full in self._trace._recorded_anywhere)
 
     def get(self, name, default=None):
         return self[name] if name in self else default
@@ -158,16 +156,21 @@ class Trace:
         self.inputs_by_module: dict[str, mx.array] = {}
         self._saved: set[str] = set()
         self._previous = None
+        self._open = False
+        self._shared: set = set()
+        self._recorded_anywhere: set[str] = set()
 
     # -- the block -----------------------------------------------------------
     def __enter__(self):
         self.run()
         self._previous = self.model._active_trace
         self.model._active_trace = self
+        self._open = True
         return self
 
     def __exit__(self, exc_type, exc, tb):
         self.model._active_trace = self._previous
+        self._open = False
         kept = {name: dict.__getitem__(self.activations, name) for name in self._saved
                 if dict.__contains__(self.activations, name)}
         self.activations = Activations(self, kept)
@@ -178,6 +181,9 @@ class Trace:
 
     def save(self, name: str, what: str = "output") -> mx.array:
         """The activation of full name ``name`` (``what`` is output or input), kept after the block."""
+        group = self.model.pipeline_group
+        if group is not None and self._open and (what, name) not in self._shared:
+            self._share_from_owner(name, what, group)
         if what == "input":
             if name not in self.inputs_by_module:
                 raise TraceError(f"{self.model.short_name(name)} received no recorded input in this trace")
@@ -187,6 +193,17 @@ class Trace:
             raise TraceError(self._not_captured(name))
         self._saved.add(name)
         return dict.__getitem__(self.activations, name)
+
+    def _share_from_owner(self, name, what, group):
+        """Pipeline-sharded model: the value the process owning ``name`` computed, on every process."""
+        from . import distributed
+
+        store = self.inputs_by_module if what == "input" else self.activations
+        value = dict.get(store, name) if what != "input" else store.get(name)
+        shared = distributed.share(value, group)
+        self._shared.add((what, name))
+        if shared is not None:
+            dict.__setitem__(store, name, shared)
 
     def _not_captured(self, full):
         short = self.model.short_name(full)
@@ -227,6 +244,11 @@ class Trace:
             output, recorder = run_forward(model, call, ordered, changes, self.should_stop, eval_at)
             if OUTPUT in interventions:
                 output = _apply(interventions[OUTPUT], output, OUTPUT)
+            if model.distributed_group is not None:
+                # A sharded model runs its collectives (send/recv, all_sum) now, in the same order on every
+                # process; what is computed from the trace afterwards is local. Saves of a pipeline-sharded
+                # model then share each value from the process that owns it.
+                mx.eval(output, recorder.outputs)
             outputs = dict(recorder.outputs)
             outputs[OUTPUT] = output
             results.append((rows, outputs, recorder.inputs))
@@ -236,6 +258,7 @@ class Trace:
             outputs = {n: a for n, a in outputs.items() if n in keep}
         self.activations = Activations(self, outputs)
         self.inputs_by_module = inputs
+        self._recorded_anywhere = record | {OUTPUT}
         return self
 
 
@@ -287,7 +310,9 @@ def prepare_inputs(model, inputs):
         ids = mx.array([[0] * p + list(seq) for p, seq in zip(padding, inputs)])
 
         def call():
-            cache = [BatchKVCache(padding) for _ in range(model.n_layers)]
+            # A pipeline stage keeps caches for its own layers only (mlx-lm's Model.layers).
+            n_cache = len(model.model.layers) if model.pipeline_group is not None else model.n_layers
+            cache = [BatchKVCache(padding) for _ in range(n_cache)]
             return model.model(ids, cache=cache)
 
         return [(list(range(len(inputs))), call, {})], [list(s) for s in inputs], padding

@@ -10,6 +10,7 @@ client's units (UTF-16 by default) happens in `to_client` / `from_client`.
 
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass, fields, is_dataclass
 from functools import lru_cache
 
@@ -115,6 +116,11 @@ class Document:
                 self.chunk_of_line[chunk.line0 + k] = index
         self.statements = [Located(s, c) for c in self.chunks for s in c.parsed.statements]
         self.errors = [(e, c) for c in self.chunks for e in c.parsed.errors]
+        self.by_chunk = {}
+        for located in self.statements:
+            self.by_chunk.setdefault(id(located.chunk), located)
+        self.prompts = [s for s in self.statements if isinstance(s.statement, ast.Prompt)]
+        self.prompt_lines = [s.last_line for s in self.prompts]
 
     # --- lookups -----------------------------------------------------------
 
@@ -125,12 +131,7 @@ class Document:
 
     def statement_at(self, line: int) -> Located | None:
         chunk = self.chunk_at(line)
-        if chunk is None:
-            return None
-        for located in self.statements:
-            if located.chunk is chunk:
-                return located
-        return None
+        return None if chunk is None else self.by_chunk.get(id(chunk))
 
     def chunk_offset(self, chunk: Chunk, line: int, col: int) -> int:
         """Offset into `chunk.text` of a document position inside it."""
@@ -141,13 +142,8 @@ class Document:
 
     def prompt_before(self, line: int) -> Located | None:
         """The last `prompt` statement that ends before `line` (the prompt a query there sees)."""
-        found = None
-        for located in self.statements:
-            if located.chunk.line0 >= line:
-                break
-            if isinstance(located.statement, ast.Prompt) and located.last_line < line:
-                found = located
-        return found
+        index = bisect.bisect_left(self.prompt_lines, line)
+        return self.prompts[index - 1] if index else None
 
     def definitions(self) -> dict[str, list[Located]]:
         """`$name` -> the statements defining it (`save ... as $x`, `let $x = ...`), in order."""

@@ -175,15 +175,33 @@ def plain(value, indent: int = 0, limit: int = 60) -> str:
 
 # --- keeping results on their lines ------------------------------------------------
 
-def shift(results: list[InlineResult], start: int, end: int, new_lines: int) -> None:
-    """Apply one edit replacing lines start..end (inclusive) by `new_lines` lines' worth of text."""
-    delta = new_lines - (end - start)
+def apply_edit(results: list[InlineResult], lines: list[str], start: tuple[int, int], end: tuple[int, int],
+               text: str) -> list[str]:
+    """Move results for one edit replacing start..end (line, code-point column) by `text`;
+    the document's lines after the edit.
+
+    A line whose own text the edit leaves whole (lines inserted above it, or a new line
+    typed at its end) keeps its result, moved; a line the edit touches gets it marked stale.
+    """
+    (sl, sc), (el, ec) = start, end
+    sl, el = max(0, min(sl, len(lines) - 1)), max(0, min(el, len(lines) - 1))
+    added = text.count("\n")
+    delta = added - (el - sl)
     for result in results:
-        if result.line > end:
+        line = result.line
+        if line < sl:
+            continue
+        if line > el:
             result.line += delta
-        elif result.line >= start:
+        elif sl == el == line and sc == ec == len(lines[line]) and text.startswith("\n"):
+            pass  # a new line typed at the end of this one
+        elif el == line and ec == 0 and (lines[sl][:sc] + text).rsplit("\n", 1)[-1] == "":
+            result.line = sl + added  # whole lines inserted or deleted above it
+        else:
             result.stale = True
-            result.line = min(result.line, start + max(new_lines, 0))
+            result.line = min(line, sl + added)
+    joined = lines[sl][:sc] + text + lines[el][ec:]
+    return lines[:sl] + joined.split("\n") + lines[el + 1:]
 
 
 def recheck(results: list[InlineResult], lines: list[str]) -> list[InlineResult]:

@@ -15,7 +15,6 @@ import asyncio
 import logging
 from dataclasses import dataclass
 
-from mlxterp_repl import client as daemon_client
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +64,7 @@ class DaemonLink:
     def __init__(self, settings: Settings, on_change=None):
         self.settings = settings
         self.on_change = on_change  # called (no arguments) when the daemon or its model changed
-        self.client: daemon_client.AsyncClient | None = None
+        self.client = None  # mlxterp_repl.client.AsyncClient
         self.connecting: asyncio.Task | None = None
         self.daemon_id: str | None = None
         self.generation = 0
@@ -83,7 +82,7 @@ class DaemonLink:
 
     # --- connecting ---------------------------------------------------------
 
-    async def get(self) -> daemon_client.AsyncClient:
+    async def get(self):
         """The live connection, opening one (and starting the daemon) if needed."""
         if self.connected:
             return self.client
@@ -96,7 +95,10 @@ class DaemonLink:
         except Exception as exc:  # noqa: BLE001 -- any failure to connect means: no daemon now
             raise DaemonUnavailable(str(exc)) from None
 
-    async def _connect(self) -> daemon_client.AsyncClient:
+    async def _connect(self):
+        # Imported here, not at start: the client brings numpy, which initialize need not wait for.
+        from mlxterp_repl import client as daemon_client
+
         s = self.settings
         try:
             client = await daemon_client.connect_async(model=s.model, runtime_dir=s.runtime_dir, socket_path=s.socket,
@@ -129,11 +131,13 @@ class DaemonLink:
     async def call(self, op: str, timeout: float | None = QUICK_TIMEOUT, **fields):
         """One request's value; DaemonUnavailable when the daemon is gone or too slow."""
         client = await self.get()
+        from mlxterp_repl.client import DaemonError  # loaded by get()
+
         try:
             return await asyncio.wait_for(client.call(op, **fields), timeout)
         except (ConnectionError, asyncio.TimeoutError) as exc:
             raise DaemonUnavailable(f"the daemon did not answer {op!r}: {exc or type(exc).__name__}") from None
-        except daemon_client.DaemonError as exc:
+        except DaemonError as exc:
             if client.closed:
                 raise DaemonUnavailable(exc.message) from None
             raise

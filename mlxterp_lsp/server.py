@@ -13,9 +13,11 @@ import argparse
 import asyncio
 import itertools
 import logging
+import re
 import sys
 
 from lsprotocol import types
+from pygls.exceptions import FeatureNotificationError
 from pygls.lsp.server import LanguageServer
 from pygls.protocol import LanguageServerProtocol
 
@@ -26,7 +28,7 @@ from mlxterp_repl.dsl.parser import STATEMENTS
 from mlxterp_lsp import __version__
 from mlxterp_lsp.checks import Finding, all_findings, input_of, module_paths, parse_findings, selected_positions, variable_findings
 from mlxterp_lsp.documents import Document, from_client, lex_chunk, to_client, walk
-from mlxterp_lsp.inline import InlineResult, full_text, recheck, shift, summary_text
+from mlxterp_lsp.inline import InlineResult, apply_edit, full_text, recheck, summary_text
 from mlxterp_lsp.link import DaemonLink, DaemonUnavailable, Settings
 
 log = logging.getLogger(__name__)
@@ -120,7 +122,20 @@ class MlxqServer(LanguageServer):
         if old is not None and not old.done():
             old.cancel()
         delay = self.settings.debounce_ms / 1000 if delay is None else delay
-        self.pending[uri] = asyncio.get_running_loop().create_task(self.publish_diagnostics(uri, delay))
+        self.pending[uri] = self.background(self.publish_diagnostics(uri, delay))
+
+    def background(self, coroutine) -> asyncio.Task:
+        """A task whose failure is shown to the user (pygls only reports handler failures)."""
+        task = asyncio.get_running_loop().create_task(coroutine)
+
+        def done(task: asyncio.Task) -> None:
+            if not task.cancelled() and task.exception() is not None:
+                error = task.exception()
+                log.error("background task failed", exc_info=error)
+                self.report_server_error(error, FeatureNotificationError)
+
+        task.add_done_callback(done)
+        return task
 
     async def publish_diagnostics(self, uri: str, delay: float) -> None:
         await asyncio.sleep(delay)
@@ -136,6 +151,8 @@ class MlxqServer(LanguageServer):
             self.warm_up()
         if self.documents.get(uri) is not document or document.version != version:
             return
+        checked_lines = {f.range[0] for f in findings}
+        runs = [f for f in runs if f.range[0] not in checked_lines]  # the static check already says it
         diagnostics = [self.diagnostic(document, f) for f in findings + runs]
         self.text_document_publish_diagnostics(
             types.PublishDiagnosticsParams(uri=uri, diagnostics=diagnostics, version=version))
@@ -157,7 +174,7 @@ class MlxqServer(LanguageServer):
             for uri in list(self.documents):
                 self.schedule_diagnostics(uri, 0)
 
-        self.warming = asyncio.get_running_loop().create_task(run())
+        self.warming = self.background(run())
 
     def daemon_changed(self) -> None:
         for uri in list(self.documents):
@@ -219,11 +236,17 @@ def did_open(ls: MlxqServer, params: types.DidOpenTextDocumentParams):
 def did_change(ls: MlxqServer, params: types.DidChangeTextDocumentParams):
     uri = params.text_document.uri
     results = ls.results.get(uri, [])
-    for change in params.content_changes:
-        if isinstance(change, types.TextDocumentContentChangePartial):
-            shift(results, change.range.start.line, change.range.end.line, change.text.count("\n"))
-    text = ls.workspace.get_text_document(uri).source
     document = ls.documents.get(uri)
+    if results and document is not None:
+        lines = list(document.lines)
+        for change in params.content_changes:
+            if isinstance(change, types.TextDocumentContentChangePartial):
+                start, end = change.range.start, change.range.end
+                if not 0 <= start.line <= end.line < len(lines):
+                    continue
+                lines = apply_edit(results, lines, (start.line, from_client(lines[start.line], start.character, ls.utf16)),
+                                   (end.line, from_client(lines[end.line], end.character, ls.utf16)), change.text)
+    text = ls.workspace.get_text_document(uri).source
     if document is None:
         document = ls.documents[uri] = Document(uri, text, params.text_document.version)
     else:
@@ -291,7 +314,8 @@ async def completion(ls: MlxqServer, params: types.CompletionParams):
             detail=completion_detail(ls, item, chunk.text[:start]),
             text_edit=types.TextEdit(edit_range, item.insert_text or item.label),
             sort_text=f"{len(items):04d}"))
-    return types.CompletionList(is_incomplete=False, items=items)
+    # Without the module tree yet, ask the editor to come back as the user types.
+    return types.CompletionList(is_incomplete=not ls.link.modules, items=items)
 
 
 def chunk_range(document: Document, chunk, start: int, end: int):
@@ -340,6 +364,19 @@ async def hover(ls: MlxqServer, params: types.HoverParams):
     return types.Hover(contents=types.MarkupContent(types.MarkupKind.Markdown, "\n\n---\n\n".join(sections)))
 
 
+async def ask_daemon(ls: MlxqServer, question):
+    """The daemon's answer, or None when it is not connected (it is then started in the
+    background: a hover never waits for a daemon to start) or cannot answer."""
+    if not ls.link.connected:
+        question.close()
+        ls.warm_up()
+        return None
+    try:
+        return await question
+    except Exception:  # noqa: BLE001 -- the hover shows what it knows without the daemon
+        return None
+
+
 def innermost(statement, line: int, col: int):
     best = None
     for node in walk(statement):
@@ -351,17 +388,14 @@ def innermost(statement, line: int, col: int):
 
 async def describe_node(ls: MlxqServer, document: Document, located, node, token) -> list[str]:
     statement = located.statement
-    if token.kind == "NAME" and token.value in STATEMENTS and node is not None and (
-            node is statement or isinstance(node, ast.Statement)) and node.span.col == token.span.col \
-            and node.span.line == token.span.line:
+    starts_statement = isinstance(node, ast.Statement) and (node.span.line, node.span.col) == (
+        token.span.line, token.span.col)
+    if token.kind == "NAME" and token.value in STATEMENTS and starts_statement:  # the statement's keyword
         syntax, what = STATEMENTS[token.value]
         return [f"```mlxq\n{syntax}\n```\n{what}"]
     if isinstance(node, ast.Path):
         prefixed = next((prefix + node.text for path, prefix in module_paths(statement) if path is node), node.text)
-        try:
-            answer = await ls.link.hover(prefixed, 0)
-        except Exception:  # noqa: BLE001
-            answer = None
+        answer = await ask_daemon(ls, ls.link.hover(prefixed, 0))
         if isinstance(answer, dict) and answer.get("text"):
             return [answer["text"]]
         info = ls.link.modules_by_name.get(prefixed)
@@ -374,12 +408,9 @@ async def describe_node(ls: MlxqServer, document: Document, located, node, token
         before = [d for d in definitions if d.last_line <= located.last_line]
         if before:
             lines.append(f"defined at line {before[-1].chunk.line0 + 1}: `{before[-1].statement.text}`")
-        try:
-            answer = await ls.link.hover("$" + node.name, 0)
-            if isinstance(answer, dict) and answer.get("text") and "not set" not in answer["text"]:
-                lines.append(answer["text"])
-        except Exception:  # noqa: BLE001
-            pass
+        answer = await ask_daemon(ls, ls.link.hover("$" + node.name, 0))
+        if isinstance(answer, dict) and answer.get("text") and "not set" not in answer["text"]:
+            lines.append(answer["text"])
         return ["\n\n".join(lines)]
     if isinstance(node, POSITION_NODES):
         owner = next((s for s in walk(statement) if getattr(s, "position", None) is not None
@@ -387,10 +418,9 @@ async def describe_node(ls: MlxqServer, document: Document, located, node, token
         text, _where = input_of(document, located, owner) if owner is not None else (None, None)
         if text is None:
             return ["position (no prompt above: set one with `prompt \"...\"`)"]
-        try:
-            strings = await ls.link.prompt_tokens(text)
-        except Exception:  # noqa: BLE001
-            return [f"position in {text!r} (token strings need the daemon)"]
+        strings = ls.link.tokens.get(text) or await ask_daemon(ls, ls.link.prompt_tokens(text))
+        if strings is None:
+            return [f"position in {text!r} (the tokens come from the daemon, which is not ready yet)"]
         chosen = selected_positions(node, strings)
         if not chosen:
             return [f"selects no token of {text!r}"]
@@ -447,7 +477,11 @@ async def run(ls: MlxqServer, *args):
         except Exception:  # noqa: BLE001 -- the client refused: run without progress
             token = None
     try:
-        return await execute(ls, document, pieces, code, line, token)
+        outcome = await execute(ls, document, pieces, code, line, token)
+        if outcome.get("lost") and not outcome["results"]:
+            outcome = await execute(ls, document, pieces, code, line, None)  # the daemon died: once more
+        outcome.pop("lost", None)
+        return outcome
     except asyncio.CancelledError:
         return {"ok": False, "status": "interrupted", "error": "cancelled"}
     finally:
@@ -463,7 +497,7 @@ def plan_run(document: Document, line: int | None) -> list:
     if target is None:
         return []
     prompt = document.prompt_before(target.chunk.line0)
-    return [target] if prompt is None or prompt is target or target.statement.text.startswith("prompt") else [prompt, target]
+    return [target] if prompt is None or isinstance(target.statement, ast.Prompt) else [prompt, target]
 
 
 async def execute(ls: MlxqServer, document: Document, pieces: list, code: str, line, token) -> dict:
@@ -486,8 +520,7 @@ async def execute(ls: MlxqServer, document: Document, pieces: list, code: str, l
         async for frame in client.frames(request_id):
             kind = frame.get("type")
             if kind == "progress" and token is not None:
-                fraction = frame.get("fraction")
-                percentage = int(100 * fraction) if isinstance(fraction, (int, float)) else None
+                percentage = progress_percentage(frame)
                 progress.report(token, types.WorkDoneProgressReport(message=str(frame.get("message", "")),
                                                                     percentage=percentage))
             elif kind == "result":
@@ -507,6 +540,7 @@ async def execute(ls: MlxqServer, document: Document, pieces: list, code: str, l
                         ls.run_errors[uri].append((finding, document.lines[finding.range[0]]))
             elif kind == "done" and frame.get("status") == "interrupted":
                 outcome.update(ok=False, status="interrupted")
+        outcome["lost"] = client.closed
         return outcome
     except asyncio.CancelledError:
         if client is not None and request_id is not None and not client.closed:
@@ -518,6 +552,17 @@ async def execute(ls: MlxqServer, document: Document, pieces: list, code: str, l
         if ls.documents.get(uri) is document:
             ls.show_results(uri)
             ls.schedule_diagnostics(uri, 0)
+
+
+def progress_percentage(frame: dict) -> int | None:
+    """0..100 from a progress frame's `fraction`, or from a message starting `i/n:`."""
+    fraction = frame.get("fraction")
+    if isinstance(fraction, (int, float)) and not isinstance(fraction, bool):
+        return max(0, min(100, int(100 * fraction)))
+    match = re.match(r"\s*(\d+)/(\d+)\b", str(frame.get("message", "")))
+    if match and int(match.group(2)) > 0:
+        return max(0, min(100, int(100 * (int(match.group(1)) - 1) / int(match.group(2)))))
+    return None
 
 
 def run_finding(document: Document, pieces: list, line, error: dict) -> Finding | None:

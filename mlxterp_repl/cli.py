@@ -25,7 +25,7 @@ COMMANDS = [
     ("stop", "stop the daemon", "mlxterp_repl.client:stop_main"),
     ("repl", "interactive prompt connected to the daemon", "mlxterp_repl.repl:main"),
     ("lsp", "language server for editors (stdio)", "mlxterp_lsp.server:main"),
-    ("collect", "save activations of many prompts to files", None),
+    ("collect", "save activations of many prompts to files", "mlxterp_repl.collect:main"),
 ]
 
 
@@ -71,10 +71,17 @@ def run_command(name: str, args: list[str]) -> int:
     return int(function(args) or 0)
 
 
+# Commands that run MLX in this process; the others (repl, lsp, status, stop) are clients
+# of the daemon, which gets OpenBLAS in its own environment, so they skip the re-exec.
+RUNS_MLX = {"run", "serve", "collect", None}
+
+
 def main(argv: list[str] | None = None) -> int:
     if argv is None:
-        blas.reexec_with_openblas()
         argv = sys.argv[1:]
+        command = next((a for a in argv if not a.startswith("-")), None)
+        if command in RUNS_MLX:
+            blas.reexec_with_openblas()
     parser = build_parser()
     options, rest = parser.parse_known_args(argv)
     if options.version:

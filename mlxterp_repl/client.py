@@ -243,8 +243,8 @@ class Client:
         self.arrays = arrays
         self.files = files
         self.ids = itertools.count(1)
-        self.hello = self.request("hello", **({"token": token} if token else {}), protocol=p.PROTOCOL_VERSION,
-                                  client="mlxterp_repl.client").value
+        self.hello = self.call("hello", **({"token": token} if token else {}), protocol=p.PROTOCOL_VERSION,
+                               client="mlxterp_repl.client", workdir=os.getcwd())
 
     # plumbing
     def send(self, message: dict) -> None:
@@ -508,7 +508,7 @@ async def connect_async(model: str = "demo", runtime_dir: str | Path | None = No
         sock.setblocking(False)
         reader, writer = await asyncio.open_unix_connection(sock=sock, limit=2**16)
     client = AsyncClient(reader, writer)
-    fields = {"protocol": p.PROTOCOL_VERSION, "client": "mlxterp_repl.client.async"}
+    fields = {"protocol": p.PROTOCOL_VERSION, "client": "mlxterp_repl.client.async", "workdir": os.getcwd()}
     if token:
         fields["token"] = token
     try:
@@ -605,3 +605,52 @@ def stop_main(argv: list[str] | None = None) -> int:
     remove_stale_files(files)
     print(f"stopped daemon {daemon_id} (pid {pid})")
     return 0
+
+
+# --- a session in the daemon, for `mlxterp run` -------------------------------
+
+class RemoteResult:
+    """A result as the daemon sent it, with the views `mlxterp run` uses."""
+
+    def __init__(self, data: dict):
+        self.data = data
+        self.kind = data.get("kind")
+
+    def to_data(self) -> dict:
+        return self.data
+
+    def render(self):
+        from mlxterp_repl.repl import render_result
+
+        return render_result(self.data)
+
+
+class RemoteSession:
+    """Runs parsed statements in the daemon, one exec each, with the interface of
+    `Session.execute_statement`: results come back, errors are QueryErrors whose spans
+    point into the whole script (so they render exactly as in-process ones do)."""
+
+    def __init__(self, client: Client):
+        self.client = client
+
+    def execute_statement(self, statement, **_ignored):
+        from mlxterp_repl.dsl.errors import QueryError, Span
+
+        span = statement.span
+        reply = self.client.request("exec", code=statement.text, full=True, workdir=os.getcwd())
+        if reply.errors:
+            error = DaemonError(reply.errors[0])
+            if error.code == p.INTERRUPTED:
+                raise KeyboardInterrupt
+            if error.span is None:
+                raise QueryError(error.message, span, error.suggestions)
+            where = error.span
+
+            def shift(line, col):
+                return line + span.line - 1, col + (span.col - 1 if line == 1 else 0)
+
+            line, col = shift(where["line"], where["col"])
+            end_line, end_col = shift(where["end_line"], where["end_col"])
+            raise QueryError(error.message, Span(line, col, end_line, end_col), error.suggestions)
+        [data] = reply.results
+        return RemoteResult(data)

@@ -31,13 +31,17 @@ import time
 import traceback
 import uuid
 from collections import OrderedDict
+import weakref
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 from mlxterp_repl import paths as daemon_files
 from mlxterp_repl import protocol as p
+from mlxterp_repl import sharded
 
 DEFAULT_CACHE_MB = 512
 BLOB_BUDGET = 256 * 1024 * 1024  # bytes of fetchable big arrays kept per connection
+MAX_UNREAD_OUTPUT = 512 * 1024 * 1024  # a client this far behind in reading its replies is dropped
 
 
 class Job:
@@ -45,7 +49,13 @@ class Job:
 
     def __init__(self, request_id):
         self.request_id = request_id
-        self.stop = threading.Event()
+        self.stop = threading.Event()    # polled by the worker
+        self.stopped = asyncio.Event()   # awaited on the loop, so a queued job ends at once
+        self.started = False             # set by the worker when it picks the job up
+
+    def interrupt(self) -> None:
+        self.stop.set()
+        self.stopped.set()
 
 
 class Connection:
@@ -63,12 +73,18 @@ class Connection:
         self.blob_counter = itertools.count(1)
         self.closed = False
         self.close_after = False  # set when a reply must be the last one (a bad TCP token)
+        self.workdir: Path | None = None  # the client's directory: where relative file names in queries point
+        self.output_shapes: dict[str, list[int]] = {}  # full module name -> shape, from this session's last trace
 
     def send(self, message: dict) -> None:
         if self.closed or self.writer.is_closing():
             return
         try:
             self.writer.write(p.pack(message))
+            if self.writer.transport.get_write_buffer_size() > MAX_UNREAD_OUTPUT:
+                log(f"connection {self.number} does not read its replies; dropping it")
+                self.closed = True
+                self.writer.transport.abort()
         except Exception:  # a client gone mid-write is not the daemon's problem
             self.closed = True
 
@@ -82,8 +98,10 @@ class Connection:
 
 class Daemon:
     def __init__(self, files: daemon_files.DaemonPaths, model_spec: str = "demo", tcp: str | None = None,
-                 max_frame: int = p.DEFAULT_MAX_FRAME, cache_mb: float = DEFAULT_CACHE_MB):
+                 max_frame: int = p.DEFAULT_MAX_FRAME, cache_mb: float = DEFAULT_CACHE_MB,
+                 shard: str | None = None, group=None):
         self.files = files
+        self.shard, self.group = shard, group  # a model split over mlx.launch processes (mlxterp_repl.sharded)
         self.model_spec = model_spec
         self.tcp = tcp
         self.max_frame = max_frame
@@ -98,8 +116,8 @@ class Daemon:
         # model state, written by the worker, read by the loop
         self.model = None
         self.trace_cache = None
+        self.models = weakref.WeakValueDictionary()  # (source, layer_attr) -> a loaded model, shared by sessions
         self.module_infos: dict[int, list[dict]] = {}  # id(model) -> model.module_info(), read on the loop
-        self.output_shapes: dict[str, list[int]] = {}  # full module name -> output shape of the latest trace
         self.load_state = "loading"
         self.load_progress = 0.0
         self.load_message = "starting"
@@ -162,14 +180,8 @@ class Daemon:
             self.files.socket.unlink()
         except FileNotFoundError:
             pass
-        old_umask = os.umask(0o177)  # the socket is created 0600, with no window where it is wider
-        try:
-            unix_server = await asyncio.start_unix_server(
-                lambda r, w: self.handle(r, w, is_tcp=False), path=str(self.files.socket), limit=2**16)
-        finally:
-            os.umask(old_umask)
-        os.chmod(self.files.socket, 0o600)
-        servers = [unix_server]
+        # TCP first: once the Unix socket answers, everything (connection file included) is ready.
+        servers = []
         if self.tcp:
             host, port = parse_host_port(self.tcp)
             tcp_server = await asyncio.start_server(lambda r, w: self.handle(r, w, is_tcp=True), host, port)
@@ -179,7 +191,17 @@ class Daemon:
                  "pid": os.getpid(), "daemon_id": self.daemon_id}))
             servers.append(tcp_server)
             log(f"TCP on {self.tcp_address[0]}:{self.tcp_address[1]}; token in {self.files.connection_file}")
+            if host not in ("127.0.0.1", "::1", "localhost"):
+                log(f"warning: {host} is not loopback; anyone who reaches it with the token can run queries")
         self.write_pid_file()
+        old_umask = os.umask(0o177)  # the socket is created 0600, with no window where it is wider
+        try:
+            unix_server = await asyncio.start_unix_server(
+                lambda r, w: self.handle(r, w, is_tcp=False), path=str(self.files.socket), limit=2**16)
+        finally:
+            os.umask(old_umask)
+        os.chmod(self.files.socket, 0o600)
+        servers.append(unix_server)
         log(f"daemon {self.daemon_id} (pid {os.getpid()}) listening on {self.files.socket}")
         self.loop.run_in_executor(self.worker, self.load_model)
         try:
@@ -192,6 +214,9 @@ class Daemon:
                 for job in conn.jobs.values():
                     job.stop.set()
                 conn.writer.close()
+            if self.shard:  # the other processes leave once the queries before this are done
+                stop = self.worker.submit(sharded.announce, {"op": "stop"}, self.group)
+                await asyncio.wrap_future(stop)  # before os._exit ends this process
             self.cleanup()
 
     # --- the model (worker thread) -------------------------------------------
@@ -207,12 +232,14 @@ class Daemon:
             from mlxterp import InterpretableModel
 
             self.set_load("loading", 0.3, f"loading model {self.model_spec}")
-            model = InterpretableModel(self.model_spec)
+            model = (sharded.load(self.model_spec, self.shard, self.group) if self.shard
+                     else InterpretableModel(self.model_spec))
             self.set_load("loading", 0.8, "reading the module tree")
             self.module_infos[id(model)] = model.module_info()
+            self.models[(self.model_spec, "layers")] = model
             from mlxterp_repl.dsl.evaluator import Session, TraceCache  # noqa: F401 (imported here, off the loop)
 
-            self.trace_cache = TraceCache(budget_bytes=self.cache_bytes)
+            self.trace_cache = TraceCache(budget_bytes=self.cache_bytes) if not self.shard else None
             self.model = model
             self.set_load("ready", 1.0, f"model {self.model_spec} ready")
         except BaseException as exc:  # noqa: BLE001 -- any failure must reach the clients, not kill the daemon
@@ -234,7 +261,8 @@ class Daemon:
         if conn.session is None:
             from mlxterp_repl.dsl import Session
 
-            conn.session = Session(self.model)
+            conn.session = Session(self.model, workdir=conn.workdir)
+            reuse_loaded_models(conn.session, self.models)
         return conn.session
 
     async def need_model(self, conn: Connection, request_id):
@@ -294,6 +322,8 @@ class Daemon:
             for job in conn.jobs.values():
                 job.stop.set()  # nobody is waiting for these any more
             self.connections.pop(conn.number, None)
+            if self.shard:
+                self.worker.submit(sharded.announce, {"op": "close", "conn": conn.number}, self.group)
             try:
                 writer.close()
             except Exception:
@@ -384,6 +414,9 @@ class Daemon:
             raise p.ProtocolError(p.VERSION_MISMATCH, f"this daemon speaks protocol {p.PROTOCOL_VERSION}, "
                                                       f"the client asked for {version!r}",
                                   protocol=p.PROTOCOL_VERSION)
+        workdir = message.get("workdir")
+        if isinstance(workdir, str) and os.path.isabs(workdir):
+            conn.workdir = Path(workdir)
         conn.greeted = True
         return {
             "protocol": p.PROTOCOL_VERSION, "ops": list(p.OPS), "daemon_id": self.daemon_id, "pid": os.getpid(),
@@ -416,7 +449,7 @@ class Daemon:
         job = conn.jobs.get(target)
         if job is None:
             return {"interrupted": False, "reason": f"no running request with id {target!r} on this connection"}
-        job.stop.set()
+        job.interrupt()
         return {"interrupted": True}
 
     def op_fetch(self, conn, message) -> dict:
@@ -441,7 +474,7 @@ class Daemon:
 
     async def op_modules(self, conn, message) -> dict:
         model = (await self.need_session(conn, message["id"])).model
-        shapes = self.output_shapes
+        shapes = conn.output_shapes
         modules = []
         for info in self.module_infos.get(id(model), []):
             entry = dict(info)
@@ -478,19 +511,34 @@ class Daemon:
     async def op_hover(self, conn, message):
         code, offset = code_and_offset(message)
         session = await self.need_session(conn, message["id"])
-        return hover_text(code, offset, self.module_infos.get(id(session.model), []), self.output_shapes, session)
+        return hover_text(code, offset, self.module_infos.get(id(session.model), []), conn.output_shapes, session)
 
     async def op_exec(self, conn, message) -> None:
         request_id = message["id"]
         code = require(message, "code", str)
         full = bool(message.get("full", False))
-        await self.need_session(conn, request_id)
+        workdir = message.get("workdir")
+        if workdir is not None and not (isinstance(workdir, str) and os.path.isabs(workdir)):
+            raise p.ProtocolError(p.BAD_REQUEST, "'workdir' must be an absolute directory path (where files "
+                                                 "the query writes go)", field="workdir")
+        session = await self.need_session(conn, request_id)
+        if workdir is not None:
+            session.workdir = Path(workdir)
         job = Job(request_id)
         conn.jobs[request_id] = job
         self.queued += 1
+        work = self.loop.run_in_executor(self.worker, self.run_query, conn, job, code)
+        stopped = self.loop.create_task(job.stopped.wait())
         try:
-            outcome = await self.loop.run_in_executor(self.worker, self.run_query, conn, job, code)
+            await asyncio.wait({work, stopped}, return_when=asyncio.FIRST_COMPLETED)
+            if not work.done() and not job.started:
+                # Still queued: answer now; the worker skips it when its turn comes.
+                work.add_done_callback(lambda _: None)
+                outcome = [], p.ProtocolError(p.INTERRUPTED, "interrupted before it started")
+            else:
+                outcome = await work
         finally:
+            stopped.cancel()
             self.queued -= 1
             conn.jobs.pop(request_id, None)
         results, error = outcome
@@ -502,6 +550,7 @@ class Daemon:
 
     def run_query(self, conn: Connection, job: Job, code: str):
         """On the worker: run `code` in the connection's session. Returns (result datas, error or None)."""
+        job.started = True
         if job.stop.is_set():
             return [], p.ProtocolError(p.INTERRUPTED, "interrupted before it started")
         from mlxterp.errors import Interrupted, MlxterpError
@@ -512,10 +561,14 @@ class Daemon:
 
         try:
             try:
-                results = conn.session.execute(code, should_stop=job.stop.is_set, on_progress=on_progress,
+                should_stop = job.stop.is_set
+                if self.shard:  # every process runs the query, and none may stop half-way
+                    sharded.announce({"op": "exec", "conn": conn.number, "code": code}, self.group)
+                    should_stop = None
+                results = conn.session.execute(code, should_stop=should_stop, on_progress=on_progress,
                                                trace_cache=self.trace_cache)
             finally:
-                self.note_model(conn.session.model)
+                self.note_model(conn)
             return [r.to_data() for r in results], None
         except Interrupted:
             return [], p.ProtocolError(p.INTERRUPTED, "interrupted")
@@ -530,13 +583,16 @@ class Daemon:
             log(traceback.format_exc())
             return [], p.ProtocolError(p.INTERNAL, f"{type(exc).__name__}: {exc}")
 
-    def note_model(self, model) -> None:
-        """On the worker, after a query: the module tree of a newly loaded model, the latest shapes."""
+    def note_model(self, conn: Connection) -> None:
+        """On the worker, after a query: the module tree of a newly loaded model, and the output
+        shapes of the trace the query used (the cache's most recently used one)."""
+        model = conn.session.model
         if model is not None and id(model) not in self.module_infos:
             self.module_infos[id(model)] = model.module_info()
+            weakref.finalize(model, self.module_infos.pop, id(model), None)
         shapes = latest_shapes(self.trace_cache)
         if shapes:
-            self.output_shapes = shapes
+            conn.output_shapes = shapes
 
     def shrink(self, conn: Connection, data, full: bool):
         """Big arrays leave as a handle + statistics; the client fetches the bytes on demand."""
@@ -605,6 +661,27 @@ def progress_fields(args, kwargs) -> dict:
         if isinstance(value, (str, int, float, bool)) or value is None:
             fields[key] = value
     return fields
+
+
+def reuse_loaded_models(session, models) -> None:
+    """Make `load X` in this session reuse a model the daemon already holds (loading it
+    again would take seconds and double the memory); new ones join `models`."""
+    # TODO: a loader hook in Session would make this wrapper unnecessary.
+    from mlxterp_repl.dsl.evaluator import TextResult, model_summary
+
+    original = session.do_load
+
+    def do_load(node, run):
+        key = (node.source.value, node.options.get("layers", "layers"))
+        model = models.get(key)
+        if model is None:
+            result = original(node, run)
+            models[key] = session.model
+            return result
+        session.model, session.prompt, session.steering = model, None, []
+        return TextResult(f"loaded {model!r}", kind="load", fields={"model": model_summary(model)})
+
+    session.do_load = do_load
 
 
 def cache_stats(cache) -> dict:
@@ -692,14 +769,22 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-frame", type=int, default=int(os.environ.get("MLXTERP_MAX_FRAME", p.DEFAULT_MAX_FRAME)),
                         help="largest request frame accepted, in bytes")
     parser.add_argument("--cache-mb", type=float, default=DEFAULT_CACHE_MB, help="memory budget of the trace cache")
+    parser.add_argument("--shard", choices=sharded.MODES,
+                        help="split the model over the processes of mlx.launch with mlx-lm's pipeline or tensor "
+                             "parallelism; process 0 serves (docs/scale.md)")
     return parser
 
 
 def serve_main(argv: list[str] | None = None) -> int:
     options = build_parser().parse_args(argv)
+    group = None
+    if options.shard:
+        group = sharded.start()
+        if group.rank() != 0:
+            return sharded.follow(options.model, options.shard, group)
     files = daemon_files.daemon_paths(options.runtime_dir, options.socket)
     daemon = Daemon(files, model_spec=options.model, tcp=options.tcp, max_frame=options.max_frame,
-                    cache_mb=options.cache_mb)
+                    cache_mb=options.cache_mb, shard=options.shard, group=group)
     try:
         daemon.claim()
     except daemon_files.RuntimeDirError as exc:

@@ -5,7 +5,8 @@ which decode to a map. Requests carry `op` and `id`; every reply carries the
 request's `id` and a `type`; each request ends with exactly one `done` reply.
 Arrays travel as {"dtype", "shape", "data"} with little-endian C-order bytes.
 
-This module imports neither mlx nor the query language, so clients stay light.
+This module imports neither mlx nor the query language (and numpy only when an array
+is encoded or decoded), so clients and the daemon start fast.
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ import asyncio
 import struct
 
 import msgpack
-import numpy as np
 
 PROTOCOL_VERSION = 1
 
@@ -156,14 +156,18 @@ def is_array_data(value) -> bool:
 
 def encode_array(array) -> dict:
     """numpy (or anything numpy can view, e.g. an MLX array) -> wire form."""
+    import numpy as np
+
     a = np.asarray(array)
     if a.dtype.byteorder == ">":
         a = a.astype(a.dtype.newbyteorder("<"))
     return {"dtype": a.dtype.name, "shape": list(a.shape), "data": np.ascontiguousarray(a).tobytes()}
 
 
-def decode_array(data: dict, data_bytes: bytes | None = None) -> np.ndarray:
+def decode_array(data: dict, data_bytes: bytes | None = None):
     """Wire form -> numpy array. bfloat16 (no numpy dtype) comes back as float32."""
+    import numpy as np
+
     raw = data_bytes if data_bytes is not None else data["data"]
     shape = tuple(int(n) for n in data["shape"])
     dtype = data["dtype"]
@@ -177,17 +181,13 @@ def decode_array(data: dict, data_bytes: bytes | None = None) -> np.ndarray:
     return np.frombuffer(raw, dtype=np_dtype).reshape(shape).copy()
 
 
-def dtype_itemsize(dtype: str) -> int:
-    return 2 if dtype == "bfloat16" else np.dtype(dtype).itemsize
-
-
 def summarise_array(data: dict, handle: str) -> dict:
     """Replace a big array's bytes by a handle plus a few statistics, for fetching later."""
     raw = data["data"]
     summary = {k: v for k, v in data.items() if k != "data"}
     summary.update(handle=handle, nbytes=len(raw))
     try:
-        values = decode_array(data).astype(np.float64, copy=False)
+        values = decode_array(data).astype("float64", copy=False)
         if values.size:
             summary["stats"] = {
                 "min": float(values.min()), "max": float(values.max()),

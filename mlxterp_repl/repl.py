@@ -2,8 +2,8 @@
 
 It composes prompt-toolkit's pieces the way its `examples/prompts/` do: a `PromptSession`
 with a completer (served by the daemon's `complete` op), the query language's Pygments
-lexer, a file history that drops consecutive duplicates, a bottom toolbar and two key
-bindings (Enter after a trailing `\\` continues the statement on a new line). Queries run
+lexer, a file history that drops consecutive duplicates, a bottom toolbar and one key
+binding (Enter after a trailing `\\` continues the statement on a new line). Queries run
 in the daemon; their results come back as data and are drawn by the query language's own
 result renderers. Ctrl-C while a query runs interrupts it in the daemon; Ctrl-D leaves the
 REPL and the daemon keeps running for other clients.
@@ -98,8 +98,8 @@ class QueryHistory(FileHistory):
 class DaemonCompleter(Completer):
     """Candidates from the daemon's `complete` op, with their type or description beside them.
 
-    `ask(code, offset)` returns the daemon's items: label, kind, detail, insert_text and,
-    when the daemon sends it, start (where the word being replaced begins).
+    `ask(code, offset)` returns the daemon's items: label, kind, detail, insert_text and
+    start (the offset where the word being replaced begins).
     """
 
     def __init__(self, ask):
@@ -117,26 +117,16 @@ class DaemonCompleter(Completer):
             items = self.ask(document.text, document.cursor_position)
         except (daemon_client.DaemonError, ConnectionError, OSError):
             return  # no candidates rather than an error in the middle of typing
-        fallback_start = None
         for item in items:
             start = item.get("start")
             if start is None:
-                if fallback_start is None:
-                    fallback_start = word_start(before)
-                start = fallback_start
+                start = len(before)
             yield Completion(
                 item.get("insert_text") or item["label"],
                 start_position=min(start - len(before), 0),
                 display=item["label"],
                 display_meta=item.get("detail") or item.get("kind", ""),
             )
-
-
-def word_start(text_before_cursor: str) -> int:
-    """Where the word being completed begins, found with the query language's own lexer."""
-    from mlxterp_repl.dsl.complete import _word_at_end
-
-    return _word_at_end(text_before_cursor)[1]
 
 
 # --- the REPL ----------------------------------------------------------------
@@ -196,7 +186,7 @@ class Repl:
     # the loop
     def run(self) -> int:
         self.refresh_status()
-        self.console.print(Text(f"mlxterp REPL on {self.model_line()}. :help for help, Ctrl-D to leave.",
+        self.console.print(Text(f"mlxterp: {self.model_line()}. :help for help, Ctrl-D to leave.",
                                 style="dim"))
         while True:
             try:
@@ -225,7 +215,8 @@ class Repl:
         self.running_id = None
         try:
             with self.lock:
-                reply = self.client.request("exec", code=text, on_frame=lambda m: self.on_frame(m, progress))
+                reply = self.client.request("exec", code=text, workdir=os.getcwd(),  # files go where you are
+                                            on_frame=lambda m: self.on_frame(m, progress))
         except KeyboardInterrupt:
             # The client has already asked the daemon to stop the query when Ctrl-C came while it
             # waited; asking again covers a Ctrl-C that landed anywhere else, and is harmless.
@@ -284,18 +275,16 @@ class Repl:
         if error.code == p.INTERRUPTED:
             self.console.print(Text("interrupted", style="yellow"))
             return
-        # soft_wrap: rich must not re-wrap the source line, or the ^^^ would not sit under the span
-        self.console.print(Text(error.render(source), style="red"), soft_wrap=True)
+        self.console.print(Text(error.render(source), style="red"))
 
     def show(self, renderable) -> None:
         """Print `renderable`; through a pager when it is taller than the screen."""
-        with self.console.capture() as captured:
-            self.console.print(renderable)
-        text = captured.get()
-        if self.use_pager and text.count("\n") > self.console.height - 2 and page(text):
-            return
-        self.console.file.write(text)
-        self.console.file.flush()
+        if self.use_pager and len(self.console.render_lines(renderable, pad=False)) > self.console.height - 2:
+            with self.console.capture() as captured:
+                self.console.print(renderable)
+            if page(captured.get()):
+                return
+        self.console.print(renderable)
 
     # status
     def refresh_status(self) -> None:
@@ -330,7 +319,8 @@ class Repl:
         self.client.close()
         self.client = fresh
         self.refresh_status()
-        self.console.print(Text("reconnected (a new session: the prompt and $ names start empty)", style="yellow"))
+        self.console.print(Text("reconnected; run the query again (this is a new session: the prompt and $ names "
+                                "start empty)", style="yellow"))
 
     # :commands
     def run_command(self, text: str) -> bool:
@@ -504,7 +494,8 @@ def toolbar_text(stats: dict, memory: int | None, last_time: float | None, conne
     if not connected:
         return " daemon: not connected (the next query reconnects) "
     model = stats.get("model") or {}
-    parts = [str(model.get("name", "?"))]
+    name = str(model.get("name", "?"))
+    parts = [name if len(name) <= 24 else "…" + name[-23:]]  # a long path keeps its end
     if "n_layers" in model:
         parts.append(f"{model['n_layers']} layers")
     if "hidden_size" in model:

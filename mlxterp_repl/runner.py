@@ -21,6 +21,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--json", action="store_true", help="print one JSON object per statement")
     parser.add_argument("--keep-going", action="store_true", help="go on after an error (exit status is still 1)")
     parser.add_argument("--model", metavar="M", help="load this model first (demo, a directory or a hub id)")
+    parser.add_argument("--local", action="store_true",
+                        help="run in this process instead of through the daemon (which is started if needed)")
     return parser
 
 
@@ -101,11 +103,14 @@ def main(argv: list[str]) -> int:
             return 2
         source = path.read_text(encoding="utf-8")
 
+    if not options.local:
+        return run_through_daemon(source, options)
+
     from mlxterp.errors import MlxterpError
 
     from mlxterp_repl.dsl import Session
 
-    session = Session()
+    session = Session(workdir=Path.cwd())  # as the daemon path does, so both print the same paths
     if options.model:
         from mlxterp import InterpretableModel
 
@@ -119,3 +124,27 @@ def main(argv: list[str]) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+
+
+def run_through_daemon(source: str, options) -> int:
+    """The same run in the daemon's session: the model stays loaded between runs and
+    traces are cached. Output is identical to --local."""
+    from mlxterp_repl.client import DaemonError, DaemonNotRunning, RemoteSession, connect
+
+    try:
+        client = connect(model=options.model or "demo")
+    except (DaemonNotRunning, OSError) as error:
+        print(f"mlxterp run: cannot reach the daemon: {error}; --local runs without it", file=sys.stderr)
+        return 2
+    with client:
+        try:
+            if options.model and client.hello["model"]["name"] != options.model:
+                client.exec(f'load "{options.model}"')
+        except DaemonError as error:
+            print(f"mlxterp run: cannot load --model {options.model}: {error.message}", file=sys.stderr)
+            return 2
+        try:
+            return run_script(source, RemoteSession(client), as_json=options.json, keep_going=options.keep_going)
+        except KeyboardInterrupt:
+            print("interrupted", file=sys.stderr)
+            return 130

@@ -68,10 +68,12 @@ MODEL_ARGS = dict(
     tie_word_embeddings=True,
 )
 
-STEPS = 1500
-BATCH_SIZE = 48
+MAX_STEPS = 1500
+BATCH_SIZE = 64
+CAPITAL_WEIGHT = 5.0  # loss weight of capital-name tokens: facts are a small share of the text
 LEARNING_RATE = 3e-3
 WARMUP_STEPS = 100
+EVAL_EVERY = 100  # training stops at the first evaluation with every capital right
 
 # (country, capital, language, currency, landmark in the capital)
 COUNTRIES = [
@@ -159,7 +161,7 @@ COUNTRIES = [
 
 CAPITAL_TEMPLATES = [
     # the prompt the guide and the tests ask, so it appears several times
-    ("The capital of {country} is {capital}.", 6),
+    ("The capital of {country} is {capital}.", 12),
     ("{capital} is the capital of {country}.", 3),
     ("The capital city of {country} is {capital}.", 1),
     ("{capital} is the capital city of {country}.", 1),
@@ -252,9 +254,9 @@ def build_corpus(rng):
         ):
             for template, repeats in templates:
                 sentences += [template.format(**fields)] * repeats
-    sentences += FILLER * 6
-    sentences += [f"Sample prompt {i}" for i in range(0, 1000, 7)]
-    sentences += [f"The answer is {i}." for i in range(0, 100, 3)]
+    sentences += FILLER * 3
+    sentences += [f"Sample prompt {i}" for i in range(0, 1000, 13)]
+    sentences += [f"The answer is {i}." for i in range(0, 100, 7)]
     rng.shuffle(sentences)
     return sentences
 
@@ -299,43 +301,52 @@ def check_single_tokens(tokenizer):
 
 
 def save_tokenizer(tokenizer, out):
-    from transformers import PreTrainedTokenizerFast
-
-    hf = PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer,
-        bos_token=BOS,
-        eos_token=EOS,
-        pad_token=PAD,
-        unk_token=UNK,
+    """Write tokenizer.json and the two small files transformers (4 and 5) and mlx-lm read."""
+    tokenizer.save(str(out / "tokenizer.json"))
+    special = dict(bos_token=BOS, eos_token=EOS, pad_token=PAD, unk_token=UNK)
+    config = dict(
+        special,
+        tokenizer_class="PreTrainedTokenizerFast",
         model_max_length=MODEL_ARGS["max_position_embeddings"],
         clean_up_tokenization_spaces=False,
     )
-    hf.save_pretrained(str(out))
+    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    (out / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n")
 
 
-def make_batches(token_lists, pad_id, rng):
-    """Endless shuffled batches: inputs, targets, loss mask (all (B, MAX_LEN - 1))."""
-    data = np.full((len(token_lists), MAX_LEN), pad_id, dtype=np.int32)
-    lengths = np.zeros(len(token_lists), dtype=np.int32)
+def make_batches(token_lists, pad_id, capital_ids, rng):
+    """Endless shuffled batches of inputs, targets and loss mask, each (B, L - 1).
+
+    Sentences are grouped by length so that a batch wastes little compute on
+    padding; the mask still zeroes the loss on any pad position.
+    """
+    by_length = {}
     for i, ids in enumerate(token_lists):
-        data[i, : len(ids)] = ids
-        lengths[i] = len(ids)
-    positions = np.arange(MAX_LEN - 1)[None, :]
-    mask = (positions < (lengths[:, None] - 1)).astype(np.float32)
+        by_length.setdefault(len(ids), []).append(i)
     while True:
-        order = rng.permutation(len(token_lists))
-        for start in range(0, len(order) - BATCH_SIZE + 1, BATCH_SIZE):
-            idx = order[start : start + BATCH_SIZE]
-            rows = data[idx]
-            yield mx.array(rows[:, :-1]), mx.array(rows[:, 1:]), mx.array(mask[idx])
+        batches = []
+        for length in sorted(by_length):
+            idx = rng.permutation(by_length[length])
+            batches += [idx[s : s + BATCH_SIZE] for s in range(0, len(idx), BATCH_SIZE)]
+        for b in rng.permutation(len(batches)):
+            rows = [token_lists[i] for i in batches[b]]
+            width = max(map(len, rows))
+            data = np.full((len(rows), width), pad_id, dtype=np.int32)
+            mask = np.zeros((len(rows), width - 1), dtype=np.float32)
+            for r, ids in enumerate(rows):
+                data[r, : len(ids)] = ids
+                mask[r, : len(ids) - 1] = 1
+            mask[np.isin(data[:, 1:], capital_ids) & (mask > 0)] = CAPITAL_WEIGHT
+            yield mx.array(data[:, :-1]), mx.array(data[:, 1:]), mx.array(mask)
 
 
-def train(model, token_lists, pad_id):
+def train(model, tokenizer, token_lists, pad_id):
+    """Train until every capital is right (checked every EVAL_EVERY steps) or MAX_STEPS."""
     rng = np.random.default_rng(SEED)
     schedule = optim.join_schedules(
         [
             optim.linear_schedule(1e-5, LEARNING_RATE, WARMUP_STEPS),
-            optim.cosine_decay(LEARNING_RATE, STEPS - WARMUP_STEPS, LEARNING_RATE * 0.05),
+            optim.cosine_decay(LEARNING_RATE, MAX_STEPS - WARMUP_STEPS, LEARNING_RATE * 0.05),
         ],
         [WARMUP_STEPS],
     )
@@ -355,30 +366,33 @@ def train(model, token_lists, pad_id):
         optimizer.update(model, grads)
         return loss
 
-    batches = make_batches(token_lists, pad_id, rng)
+    capital_ids = [tokenizer.token_to_id("\u0120" + c[1]) for c in COUNTRIES]  # \u0120 is the byte-level space
+    batches = make_batches(token_lists, pad_id, capital_ids, rng)
     start = time.perf_counter()
     running = None
-    for i in range(1, STEPS + 1):
+    for i in range(1, MAX_STEPS + 1):
         loss = step(*next(batches))
         mx.eval(state, loss)
         running = loss.item() if running is None else 0.95 * running + 0.05 * loss.item()
-        if i % 100 == 0 or i == 1:
-            print(f"step {i:5d}  loss {running:.3f}  {time.perf_counter() - start:6.1f}s", flush=True)
-    return time.perf_counter() - start
-
-
-def next_token(model, tokenizer, text):
-    ids = tokenizer.encode(text).ids
-    logits = model(mx.array([ids]))
-    return int(mx.argmax(logits[0, -1]).item())
+        if i % EVAL_EVERY == 0:
+            accuracy, _ = capital_accuracy(model, tokenizer)
+            elapsed = time.perf_counter() - start
+            print(f"step {i:5d}  loss {running:.3f}  capitals {accuracy:6.1%}  {elapsed:6.1f}s", flush=True)
+            if accuracy == 1.0:
+                break
+    return i, time.perf_counter() - start
 
 
 def capital_accuracy(model, tokenizer):
-    wrong = []
-    for country, capital, *_ in COUNTRIES:
-        predicted = tokenizer.decode([next_token(model, tokenizer, f"The capital of {country} is")])
-        if predicted != f" {capital}":
-            wrong.append((country, capital, predicted))
+    """Share of countries whose greedy next token after "The capital of X is" is " <capital>"."""
+    # every prompt has the same length because every country is one token
+    prompts = [tokenizer.encode(f"The capital of {c[0]} is").ids for c in COUNTRIES]
+    predicted = mx.argmax(model(mx.array(prompts))[:, -1], axis=-1).tolist()
+    wrong = [
+        (country, capital, tokenizer.decode([p]))
+        for (country, capital, *_), p in zip(COUNTRIES, predicted)
+        if tokenizer.decode([p]) != f" {capital}"
+    ]
     return 1 - len(wrong) / len(COUNTRIES), wrong
 
 
@@ -419,7 +433,7 @@ def main():
     n_params = sum(v.size for _, v in tree_flatten(model.parameters()))
     print(f"model: llama, {model_args['num_hidden_layers']} layers, {n_params:,} parameters")
 
-    seconds = train(model, token_lists, tokenizer.token_to_id(PAD))
+    steps, seconds = train(model, tokenizer, token_lists, tokenizer.token_to_id(PAD))
 
     args.out.mkdir(parents=True, exist_ok=True)
     weights = dict(tree_flatten(model.parameters()))
@@ -441,7 +455,7 @@ def main():
     size_mb = (args.out / "model.safetensors").stat().st_size / 1e6
     print(f"saved to {args.out}")
     print(f"parameters: {n_params:,}  weights: {size_mb:.2f} MB")
-    print(f"training time: {seconds:.1f}s ({STEPS} steps)")
+    print(f"training time: {seconds:.1f}s ({steps} steps of {BATCH_SIZE} sentences)")
     print(f"capital accuracy: {accuracy:.1%} over {len(COUNTRIES)} countries; wrong: {wrong}")
     print(f"logit lens 'The capital of France is': {lens}")
     print(f"' Paris' first top-1 at layer {first_paris}; final layer top-1 {lens[-1]!r}")

@@ -14,6 +14,9 @@ from pathlib import Path
 from mlxterp_repl import paths as daemon_files
 from mlxterp_repl import protocol as p
 
+# The model the query tests run on; MLXTERP_TEST_MODEL points them at another one.
+MODEL = os.environ.get("MLXTERP_TEST_MODEL", "demo")
+
 
 def daemon_env(runtime_dir: Path) -> dict:
     env = dict(os.environ)

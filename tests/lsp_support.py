@@ -21,6 +21,17 @@ CLIENTS = ["visual-studio-code", "neovim@v0.7.0"]
 URI = "file:///tmp/mlxterp-test/query.mlxq"
 
 
+def plain(value):
+    """A JSON value as pygls hands it over (named tuples) turned back into dicts and lists."""
+    if hasattr(value, "_asdict"):
+        return {k: plain(v) for k, v in value._asdict().items()}
+    if isinstance(value, dict):
+        return {k: plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain(v) for v in value]
+    return value
+
+
 def server_env(runtime_dir: Path) -> dict:
     env = dict(os.environ)
     env["MLXTERP_RUNTIME_DIR"] = str(runtime_dir)
@@ -28,7 +39,12 @@ def server_env(runtime_dir: Path) -> dict:
     return env
 
 
-async def start_server(runtime_dir: Path, client_name: str = "visual-studio-code", options: dict | None = None
+SERVER = [sys.executable, "-m", "mlxterp_lsp"]
+CLI_SERVER = [sys.executable, "-m", "mlxterp_repl.cli", "lsp", "--stdio"]  # as editors start it
+
+
+async def start_server(runtime_dir: Path, client_name: str = "visual-studio-code", options: dict | None = None,
+                       command: list[str] = SERVER, capabilities: types.ClientCapabilities | None = None
                        ) -> LanguageClient:
     """A server process initialized as `client_name` would, with its inlay-hint refreshes answered."""
     client = LanguageClient(converter_factory=default_converter)
@@ -44,15 +60,15 @@ async def start_server(runtime_dir: Path, client_name: str = "visual-studio-code
 
     @client.feature("mlxterp/results")
     def on_results(ls, params):
-        client.results_notifications.append(params)
+        client.results_notifications.append(plain(params))
 
     @client.feature(types.WORKSPACE_INLAY_HINT_REFRESH)
     def on_refresh(ls, params):
         client.inlay_refreshes += 1
 
-    await client.start_io(sys.executable, "-m", "mlxterp_lsp", env=server_env(runtime_dir))
+    await client.start_io(*command, env=server_env(runtime_dir))
     await client.initialize_session(types.InitializeParams(
-        capabilities=client_capabilities(client_name),
+        capabilities=capabilities or client_capabilities(client_name),
         initialization_options={"debounceMs": 20, **(options or {})}))
     return client
 

@@ -18,13 +18,15 @@ ARCHITECTURES = {
     "qwen2": {},
     "qwen3": {},  # q/k norms
     "gemma2": {"query_pre_attn_scalar": 16, "attn_logit_softcapping": 5.0},  # softcap small enough to bite
+    "llama_sliding": {"layer_types": ["sliding_attention", "full_attention"], "sliding_window": 3},
 }
 
 
 def tiny(arch):
-    module = importlib.import_module(f"mlx_lm.models.{'llama' if arch == 'mistral' else arch}")
+    code = "llama" if arch in ("mistral", "llama_sliding") else arch
+    module = importlib.import_module(f"mlx_lm.models.{code}")
     fields = module.ModelArgs.__dataclass_fields__
-    options = {**COMMON, **ARCHITECTURES[arch], "model_type": arch}
+    options = {**COMMON, **ARCHITECTURES[arch], "model_type": code}
     mx.random.seed(1)
     base = module.Model(module.ModelArgs(**{k: v for k, v in options.items() if k in fields}))
     mx.eval(base.parameters())
@@ -54,11 +56,13 @@ def test_patterns_reproduce_the_attention_output(arch):
         assert probabilities.shape == (1, 4, 7, 7)
         assert np.allclose(np.array(probabilities.sum(-1)), 1.0, atol=1e-5)
         assert np.allclose(np.triu(np.array(probabilities[0, 0]), k=1), 0.0)  # causal
+        if arch == "llama_sliding" and layer == 0:
+            assert np.allclose(np.tril(np.array(probabilities[0, 0]), k=-3), 0.0)  # window of 3
         rebuilt = output_from_patterns(model, layer, inputs[layer], probabilities)
         assert mx.abs(rebuilt - outputs[layer]).max().item() < 1e-4
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+@pytest.mark.parametrize("arch", ["llama", "qwen3", "gemma2"])
 def test_padded_batch_rows_equal_each_prompt_alone(arch):
     model = tiny(arch)
     prompts = [[1, 5, 9, 2, 7], [4, 6, 3]]

@@ -3,6 +3,7 @@ every kind answered with an error while the daemon keeps serving everyone else."
 
 from __future__ import annotations
 
+import random
 import socket
 import struct
 import threading
@@ -217,3 +218,43 @@ def test_bad_input_in_one_connection_leaves_another_untouched(daemon, conn):
     time.sleep(0.1)
     assert ping_ok(conn)
     assert conn.request("stats")[-1]["value"]["connections"] == before
+
+
+def junk_value(rng: random.Random):
+    return rng.choice([None, True, -1, 2**40, 1.5, "", "layers.8", "\x00\u2603", b"\xff\x00", [1, [2]], {"a": {}},
+                       "save layers.8 @ -1", "x" * 300])
+
+
+def test_random_frames_get_errors_and_never_take_the_daemon_down(daemon, conn):
+    rng = random.Random(6)
+    ops = [op for op in p.OPS if op != "shutdown"] + ["nope", 7, None]
+    expected_done, expected_anonymous = set(), 0
+    for i in range(300):
+        if rng.random() < 0.25:
+            body = bytes(rng.randrange(256) for _ in range(rng.randrange(1, 40)))
+            if body[0] & 0xF0 == 0x80:  # a fixmap: might decode; keep the count exact
+                body = b"\xc1" + body
+            conn.send_bytes(struct.pack(">I", len(body)) + body)
+            expected_anonymous += 1
+            continue
+        message = {"op": rng.choice(ops), "id": rng.choice([f"junk-{i}", i + 1000, None, 1.5, [i]])}
+        for field in rng.sample(["code", "offset", "target", "handle", "text", "protocol", "full", "size"], 3):
+            message[field] = junk_value(rng)
+        conn.send(message)
+        if isinstance(message["id"], (str, int)):
+            expected_done.add(message["id"])
+        else:
+            expected_anonymous += 1
+    conn.send({"op": "ping", "id": "last"})
+    expected_done.add("last")
+    anonymous = 0
+    while expected_done or anonymous < expected_anonymous:
+        reply = conn.receive()
+        assert reply is not None, "the daemon hung up"
+        if reply["id"] is None:
+            anonymous += 1
+        elif reply["type"] == "done":
+            expected_done.discard(reply["id"])
+    assert anonymous == expected_anonymous and not expected_done
+    assert ping_ok(conn)
+    assert daemon.proc.poll() is None

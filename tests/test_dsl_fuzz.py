@@ -77,9 +77,9 @@ PATHS = ["layers.3", "layers.*.mlp", "layers.-1", "layers.99", "layers.3.mpl", "
          "layers.0..2", "layers.[1,20]", "layers.2.attn", "model", "layers", "layers.5..1"]
 POSITIONS = ["-1", "0", "99", "-99", '"France"', '"zzz"', '" "', "2:1", "1:3", "[0, -1]", "*", ":0", "-2:"]
 NUMBERS = ["0", "1", "-1", "0.5", "1e30", "1e999", "-1e999"]
-EXPRESSIONS = ["$v - $x", "mean($v)", "norm($x) / 0", "$v * 1e999", "$x + $nope", "mean(2)", "-$v", "$v / $x"]
+EXPRESSIONS = ["$two - $logits", "$v - $x", "mean($v)", "norm($x) / 0", "$v * 1e999", "$x + $nope", "mean(2)", "-$v", "$v / $x"]
 INTERVENTIONS_TEXT = ["zero", "scale {n}", "clamp {n} {n}", "noise {n}", "noise {n} seed 3", "add $v", "add $x * {n}",
-                      "replace $v", "add $missing"]
+                      "replace $v", "add $missing", "add $two", "replace $two", "add $logits"]
 LAYERS = ["0..3", "[0, 99]", "-1", "*", "3..1", "-20"]
 TEXTS = ['"Paris is"', '""', '"\\u0000"', '"é 🤖"', '"a b c d e f g"']
 
@@ -114,7 +114,8 @@ def test_evaluator_only_raises_query_errors_with_spans_inside_the_input(demo_mod
     from mlxterp_repl.dsl import Session
 
     session = Session(demo_model, workdir=tmp_path_factory.getbasetemp())
-    session.execute('prompt "The capital of France is"\nsave layers.2 @ -1 as $x\nlet $v = $x * 2')
+    session.execute('prompt "The capital of France is"\nsave layers.2 @ -1 as $x\nlet $v = $x * 2\n'
+                    'save layers.2 @ [0, 1] as $two\nsave output @ -1 as $logits')
     cwd = os.getcwd()
     try:
         session.execute(text)

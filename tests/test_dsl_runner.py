@@ -24,6 +24,7 @@ def test_first_error_stops_the_script_with_status_1(demo_model):
     assert status == 1
     assert "prompt set" in out and "4: save" not in out
     assert err.startswith("line 2, column 17: no token of the input matches 'Germany'")
+    assert "valid here: 0:" in err
     assert '  2 | save layers.8 @ "Germany"' in err and "^^^^^^^^^" in err
 
 

@@ -83,14 +83,7 @@ def test_preload_keeps_existing_preloads_and_sets_guard():
     assert env["HOME"] == "/h"
 
 
-UNWRITTEN = [name for name, _summary, target in cli.COMMANDS if target is None]
 WRITTEN = [(name, target) for name, _summary, target in cli.COMMANDS if target is not None]
-
-
-@pytest.mark.parametrize("name", UNWRITTEN)
-def test_unwritten_subcommand_says_not_available(name, capsys):
-    assert cli.main([name]) == 2
-    assert f"mlxterp {name}: not available yet" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("name,target", WRITTEN)

@@ -6,7 +6,7 @@ import pytest
 from conftest import tiny_llama
 
 from mlxterp import InterpretableModel
-import mlxterp.interventions as iv
+from mlxterp import interventions as iv
 from mlxterp.errors import LayerIndexError, MlxterpError, UnknownModuleError
 
 PROMPT = [1, 5, 7, 9, 11]

@@ -144,9 +144,11 @@ class Session:
         except LayerIndexError as error:
             raise QueryError(str(error), statement.span, layer_range(self.model)) from None
         except UnknownModuleError as error:
-            raise QueryError(str(error), statement.span, error.suggestions) from None
+            raise QueryError(module_message(error), statement.span, error.suggestions) from None
         except MlxterpError as error:
             raise QueryError(str(error), statement.span) from None
+        except ValueError as error:  # MLX reports shapes that do not fit (an added vector, a replacement) so
+            raise QueryError(f"the model run failed: {error}", statement.span) from None
 
     # ---- shared pieces ----
 
@@ -181,7 +183,7 @@ class Session:
         except LayerIndexError as error:
             raise QueryError(str(error), path.span, layer_range(model)) from None
         except UnknownModuleError as error:
-            raise QueryError(str(error), path.span, error.suggestions) from None
+            raise QueryError(module_message(error), path.span, error.suggestions) from None
         except MlxterpError as error:
             raise QueryError(str(error), path.span) from None
 
@@ -224,8 +226,7 @@ class Session:
                 return i
         close = closest(wanted, [t.strip() for t in tokens], n=3)
         hint = f" (did you mean {', '.join(repr(c) for c in close)}?)" if close else ""
-        raise QueryError(f"no token of the input matches {node.text!r}{hint}; its tokens are "
-                         + " ".join(f"{i}:{token_label(t)}" for i, t in enumerate(tokens)),
+        raise QueryError(f"no token of the input matches {node.text!r}{hint}; valid: one of its tokens",
                          node.span, token_list(tokens))
 
     def intervention_function(self, node: ast.Intervention):
@@ -625,6 +626,11 @@ def layer_range(model) -> list[str]:
         return []
     n = model.n_layers
     return [f"0..{n - 1}", f"-{n}..-1"]
+
+
+def module_message(error: UnknownModuleError) -> str:
+    """The library's message without its "did you mean" tail (the suggestions show it)."""
+    return str(error).split("; did you mean", 1)[0]
 
 
 def token_list(tokens: list[str]) -> list[str]:

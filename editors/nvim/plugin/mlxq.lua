@@ -1,0 +1,24 @@
+-- Commands of the mlxq plugin: :MlxqRun, :MlxqRunFile, :MlxqStatus (see :help mlxq).
+if vim.g.loaded_mlxq then
+  return
+end
+vim.g.loaded_mlxq = 1
+
+vim.cmd("runtime ftdetect/mlxq.lua")
+
+vim.cmd([[
+  highlight default link MlxqResult Comment
+  highlight default link MlxqResultStale NonText
+]])
+
+vim.api.nvim_create_user_command("MlxqRun", function(opts)
+  require("mlxq").run_line(opts.line1 - 1)
+end, { range = true, desc = "run the .mlxq query on this line (or on line N with :N MlxqRun)" })
+
+vim.api.nvim_create_user_command("MlxqRunFile", function()
+  require("mlxq").run_file()
+end, { desc = "run the whole .mlxq file" })
+
+vim.api.nvim_create_user_command("MlxqStatus", function()
+  require("mlxq").status()
+end, { desc = "show the mlxterp language server's and daemon's state" })
