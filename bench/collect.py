@@ -51,11 +51,19 @@ def main():
         print(f"streamed to shards (batch 32): {elapsed:6.2f} s   {n_tokens / elapsed:9.0f} tokens/s")
         loaded = load_activations(directory)
     acts = results[32]
-    assert all(np.allclose(np.array(loaded[k]), np.array(acts[k]), atol=1e-4) for k in acts)
+    # Batches of other compositions round differently: compare relative to the activations' scale.
+    worst = max(relative_difference(loaded[k], acts[k]) for k in acts)
     for i in (0, 17, 999):
         alone = get_activations(model, [data[i]], layers)
-        assert all(np.allclose(np.array(alone[k][0]), np.array(acts[k][i]), atol=1e-4) for k in acts)
-    print("checked: shards equal memory; batched rows equal one-at-a-time (1e-4)")
+        worst = max(worst, max(relative_difference(alone[k][0], acts[k][i]) for k in acts))
+    assert worst < 1e-4, worst
+    print(f"checked: shards equal memory, batched rows equal one at a time: max difference {worst:.1e} "
+          "of the largest activation")
+
+
+def relative_difference(a, b):
+    a, b = np.array(a), np.array(b)
+    return float(np.abs(a - b).max() / max(1.0, np.abs(b).max()))
 
 
 if __name__ == "__main__":

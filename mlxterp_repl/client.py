@@ -620,9 +620,9 @@ class RemoteResult:
         return self.data
 
     def render(self):
-        from mlxterp_repl.repl import render_result
+        from mlxterp_repl.dsl.results import result_from_data
 
-        return render_result(self.data)
+        return result_from_data(self.data).render()
 
 
 class RemoteSession:

@@ -247,6 +247,18 @@ class Daemon:
             log(traceback.format_exc())
             self.set_load("failed", self.load_progress, self.load_error)
 
+    def load_shared(self, source: str, layer_attr: str = "layers"):
+        """On the worker, for a session's `load`: a model the daemon already holds is reused
+        (loading it again would take seconds and double the memory); a new one joins them."""
+        from mlxterp_repl.dsl.evaluator import load_model
+
+        key = (source, layer_attr)
+        model = self.models.get(key)
+        if model is None:
+            model = load_model(source, layer_attr)
+            self.models[key] = model
+        return model
+
     def report_load(self) -> None:
         """On the loop: tell requests waiting for the model how loading goes."""
         for conn, request_id in list(self.load_waiters):
@@ -261,8 +273,7 @@ class Daemon:
         if conn.session is None:
             from mlxterp_repl.dsl import Session
 
-            conn.session = Session(self.model, workdir=conn.workdir)
-            reuse_loaded_models(conn.session, self.models)
+            conn.session = Session(self.model, workdir=conn.workdir, loader=self.load_shared)
         return conn.session
 
     async def need_model(self, conn: Connection, request_id):
@@ -439,7 +450,7 @@ class Daemon:
         if self.model is not None:
             stats["forward_count"] = int(getattr(self.model, "forward_count", 0))
         if self.trace_cache is not None:
-            stats["cache"] = cache_stats(self.trace_cache)
+            stats["cache"] = self.trace_cache.report(shapes=False)  # (shapes: on the loop, while the worker writes)
         return stats
 
     def op_interrupt(self, conn, message) -> dict:
@@ -663,39 +674,12 @@ def progress_fields(args, kwargs) -> dict:
     return fields
 
 
-def reuse_loaded_models(session, models) -> None:
-    """Make `load X` in this session reuse a model the daemon already holds (loading it
-    again would take seconds and double the memory); new ones join `models`."""
-    # TODO: a loader hook in Session would make this wrapper unnecessary.
-    from mlxterp_repl.dsl.evaluator import TextResult, model_summary
-
-    original = session.do_load
-
-    def do_load(node, run):
-        key = (node.source.value, node.options.get("layers", "layers"))
-        model = models.get(key)
-        if model is None:
-            result = original(node, run)
-            models[key] = session.model
-            return result
-        session.model, session.prompt, session.steering = model, None, []
-        return TextResult(f"loaded {model!r}", kind="load", fields={"model": model_summary(model)})
-
-    session.do_load = do_load
-
-
-def cache_stats(cache) -> dict:
-    return {"entries": len(cache), "bytes": cache.used_bytes, "budget": cache.budget_bytes,
-            "hits": cache.hits, "misses": cache.misses}
-
-
 def latest_shapes(cache) -> dict[str, list[int]]:
     """Output shapes (full name -> shape) of the most recently used trace in the cache."""
-    entries = getattr(cache, "_entries", None)  # TraceCache keeps {key: (activations, nbytes)}, newest last
-    if not entries:
+    if cache is None:
         return {}
-    activations, _nbytes = next(reversed(entries.values()))
-    return {name: [int(n) for n in array.shape] for name, array in activations.items()}
+    shapes = cache.report()["shapes"]
+    return shapes[-1] if shapes else {}
 
 
 _WORD = re.compile(r"[$A-Za-z0-9_.\[\],*-]+")

@@ -5,8 +5,9 @@ which decode to a map. Requests carry `op` and `id`; every reply carries the
 request's `id` and a `type`; each request ends with exactly one `done` reply.
 Arrays travel as {"dtype", "shape", "data"} with little-endian C-order bytes.
 
-This module imports neither mlx nor the query language (and numpy only when an array
-is encoded or decoded), so clients and the daemon start fast.
+This module imports neither mlx nor, until an array is decoded, numpy and the query
+language's results (which own the array form: `array_data` / `array_from_data`), so
+clients and the daemon start fast.
 """
 
 from __future__ import annotations
@@ -154,31 +155,17 @@ def is_array_data(value) -> bool:
     return isinstance(value, dict) and "dtype" in value and "shape" in value and ("data" in value or "handle" in value)
 
 
-def encode_array(array) -> dict:
-    """numpy (or anything numpy can view, e.g. an MLX array) -> wire form."""
-    import numpy as np
-
-    a = np.asarray(array)
-    if a.dtype.byteorder == ">":
-        a = a.astype(a.dtype.newbyteorder("<"))
-    return {"dtype": a.dtype.name, "shape": list(a.shape), "data": np.ascontiguousarray(a).tobytes()}
-
-
 def decode_array(data: dict, data_bytes: bytes | None = None):
-    """Wire form -> numpy array. bfloat16 (no numpy dtype) comes back as float32."""
-    import numpy as np
+    """Wire form -> numpy array (the query language's `array_from_data`, with the bytes of a
+    fetched handle when given). bfloat16 (no numpy dtype) comes back as float32."""
+    from mlxterp_repl.dsl.results import array_from_data
 
-    raw = data_bytes if data_bytes is not None else data["data"]
-    shape = tuple(int(n) for n in data["shape"])
-    dtype = data["dtype"]
-    if dtype == "bfloat16":
-        bits = np.frombuffer(raw, dtype="<u2").astype(np.uint32) << 16
-        return bits.view(np.float32).reshape(shape)
+    if data_bytes is not None:
+        data = {**data, "data": data_bytes}
     try:
-        np_dtype = np.dtype(dtype).newbyteorder("<")
-    except TypeError:
-        raise ProtocolError(BAD_REQUEST, f"unknown array dtype {dtype!r}") from None
-    return np.frombuffer(raw, dtype=np_dtype).reshape(shape).copy()
+        return array_from_data(data)
+    except ValueError as exc:
+        raise ProtocolError(BAD_REQUEST, str(exc)) from None
 
 
 def summarise_array(data: dict, handle: str) -> dict:

@@ -38,6 +38,7 @@ from rich.text import Text
 from mlxterp_repl import client as daemon_client
 from mlxterp_repl import protocol as p
 from mlxterp_repl.dsl.highlight import MlxqLexer
+from mlxterp_repl.dsl.results import result_from_data
 
 HISTORY_VAR = "MLXTERP_HISTORY"  # a history file path, overriding the default (tests use it)
 PROMPT = "mlxterp> "
@@ -265,7 +266,7 @@ class Repl:
     # showing things
     def show_result(self, data: dict) -> None:
         try:
-            renderable = render_result(self.with_arrays(data))
+            renderable = result_from_data(self.with_arrays(data)).render()
         except Exception as exc:  # noqa: BLE001 -- one undrawable result must not end the REPL
             renderable = Text(f"(cannot display this {data.get('kind', '?')} result: {type(exc).__name__}: {exc})",
                               style="red")
@@ -372,50 +373,6 @@ class Repl:
 def ends_with_continuation(text_before_cursor: str) -> bool:
     """True when the current line ends in `\\` (the query language's line continuation)."""
     return text_before_cursor.rsplit("\n", 1)[-1].rstrip(" \t").endswith("\\")
-
-
-def render_result(data: dict):
-    """A result as the daemon sent it -> the rich renderable of the query language's result object."""
-    from mlxterp_repl.dsl import results
-
-    rebuild = getattr(results, "result_from_data", None) or result_from_data
-    return rebuild(data).render()
-
-
-def result_from_data(data: dict):
-    """Rebuild a query-language result object from its `to_data()` form (arrays inline).
-
-    Stands in until `mlxterp_repl.dsl.results` has its own `result_from_data`; it only
-    rebuilds, the drawing stays in the result classes."""
-    from mlxterp_repl.dsl import results
-
-    kind = data.get("kind", "result")
-    notes = list(data.get("notes") or [])
-    rest = {k: v for k, v in data.items() if k not in ("kind", "notes")}
-    if kind == "lens":
-        predictions = [[[(d["id"], d["score"], d["token"]) for d in cell] for cell in row]
-                       for row in data["predictions"]]
-        return results.LensResult(data["layers"], data["positions"], data["tokens"], predictions,
-                                  plot=data.get("plot"), notes=notes)
-    if kind == "predict":
-        rows = [(row["label"], [(d["id"], d["score"], d["token"]) for d in row["predictions"]])
-                for row in data["rows"]]
-        return results.PredictResult(rows, notes=notes)
-    if kind == "patch":
-        recovery = {int(layer): float(value) for layer, value in data["recovery"].items()}
-        return results.PatchResult(data["component"], data["metric"], recovery, plot=data.get("plot"), notes=notes)
-    if "arrays" in data:
-        arrays = [(entry["label"], p.decode_array(entry["array"])) for entry in data["arrays"]]
-        return results.ValuesResult(arrays, kind=kind, name=data.get("name"), where=data.get("where", ""),
-                                    notes=notes)
-    if "columns" in data:
-        fields = {k: v for k, v in rest.items() if k not in ("title", "columns", "rows")}
-        return results.TableResult(data["columns"], data["rows"], kind=kind, title=data.get("title", ""),
-                                   fields=fields, notes=notes)
-    if "message" in data:
-        fields = {k: v for k, v in rest.items() if k != "message"}
-        return results.TextResult(data["message"], kind=kind, fields=fields, notes=notes)
-    raise ValueError(f"no result type for kind {kind!r}")
 
 
 def help_text() -> Text:

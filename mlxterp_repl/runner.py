@@ -41,8 +41,9 @@ def jsonable(value):
 
 
 def run_script(source: str, session, *, as_json: bool = False, keep_going: bool = False,
-               out=None, err=None) -> int:
-    """Run `source` in `session`, printing as `mlxterp run` does; return the exit status."""
+               out=None, err=None, trace_cache=None) -> int:
+    """Run `source` in `session` (with `trace_cache` for its forward passes), printing as
+    `mlxterp run` does; return the exit status."""
     from rich.console import Console
 
     from mlxterp_repl.dsl import parse
@@ -64,7 +65,7 @@ def run_script(source: str, session, *, as_json: bool = False, keep_going: bool 
             from mlxterp_repl.dsl import QueryError
 
             try:
-                result = session.execute_statement(item)
+                result = session.execute_statement(item, trace_cache=trace_cache)
             except QueryError as exc:
                 error = exc
         if as_json:
@@ -108,9 +109,10 @@ def main(argv: list[str]) -> int:
 
     from mlxterp.errors import MlxterpError
 
-    from mlxterp_repl.dsl import Session
+    from mlxterp_repl.dsl import Session, TraceCache
 
-    session = Session(workdir=Path.cwd())  # as the daemon path does, so both print the same paths
+    # As the daemon path does (workdir, a trace cache of the daemon's default budget), so both print the same.
+    session = Session(workdir=Path.cwd())
     if options.model:
         from mlxterp import InterpretableModel
 
@@ -120,7 +122,8 @@ def main(argv: list[str]) -> int:
             print(f"mlxterp run: cannot load --model {options.model}: {error}", file=sys.stderr)
             return 2
     try:
-        return run_script(source, session, as_json=options.json, keep_going=options.keep_going)
+        return run_script(source, session, as_json=options.json, keep_going=options.keep_going,
+                          trace_cache=TraceCache())
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -20,7 +20,6 @@ greedy next token after "The capital of X is" is " <capital>" for fewer than
 
 import argparse
 import json
-import math
 import os
 import random
 import sys
@@ -68,12 +67,12 @@ MODEL_ARGS = dict(
     tie_word_embeddings=True,
 )
 
-MAX_STEPS = 1500
+STEPS = 1000
 BATCH_SIZE = 64
 CAPITAL_WEIGHT = 5.0  # loss weight of capital-name tokens: facts are a small share of the text
 LEARNING_RATE = 3e-3
 WARMUP_STEPS = 100
-EVAL_EVERY = 100  # training stops at the first evaluation with every capital right
+EVAL_EVERY = 100
 
 # (country, capital, language, currency, landmark in the capital)
 COUNTRIES = [
@@ -161,7 +160,7 @@ COUNTRIES = [
 
 CAPITAL_TEMPLATES = [
     # the prompt the guide and the tests ask, so it appears several times
-    ("The capital of {country} is {capital}.", 12),
+    ("The capital of {country} is {capital}.", 40),
     ("{capital} is the capital of {country}.", 3),
     ("The capital city of {country} is {capital}.", 1),
     ("{capital} is the capital city of {country}.", 1),
@@ -341,12 +340,12 @@ def make_batches(token_lists, pad_id, capital_ids, rng):
 
 
 def train(model, tokenizer, token_lists, pad_id):
-    """Train until every capital is right (checked every EVAL_EVERY steps) or MAX_STEPS."""
+    """AdamW with warmup and cosine decay for STEPS steps; returns the training seconds."""
     rng = np.random.default_rng(SEED)
     schedule = optim.join_schedules(
         [
             optim.linear_schedule(1e-5, LEARNING_RATE, WARMUP_STEPS),
-            optim.cosine_decay(LEARNING_RATE, MAX_STEPS - WARMUP_STEPS, LEARNING_RATE * 0.05),
+            optim.cosine_decay(LEARNING_RATE, STEPS - WARMUP_STEPS, LEARNING_RATE * 0.05),
         ],
         [WARMUP_STEPS],
     )
@@ -370,7 +369,7 @@ def train(model, tokenizer, token_lists, pad_id):
     batches = make_batches(token_lists, pad_id, capital_ids, rng)
     start = time.perf_counter()
     running = None
-    for i in range(1, MAX_STEPS + 1):
+    for i in range(1, STEPS + 1):
         loss = step(*next(batches))
         mx.eval(state, loss)
         running = loss.item() if running is None else 0.95 * running + 0.05 * loss.item()
@@ -378,9 +377,7 @@ def train(model, tokenizer, token_lists, pad_id):
             accuracy, _ = capital_accuracy(model, tokenizer)
             elapsed = time.perf_counter() - start
             print(f"step {i:5d}  loss {running:.3f}  capitals {accuracy:6.1%}  {elapsed:6.1f}s", flush=True)
-            if accuracy == 1.0:
-                break
-    return i, time.perf_counter() - start
+    return time.perf_counter() - start
 
 
 def capital_accuracy(model, tokenizer):
@@ -433,7 +430,7 @@ def main():
     n_params = sum(v.size for _, v in tree_flatten(model.parameters()))
     print(f"model: llama, {model_args['num_hidden_layers']} layers, {n_params:,} parameters")
 
-    steps, seconds = train(model, tokenizer, token_lists, tokenizer.token_to_id(PAD))
+    seconds = train(model, tokenizer, token_lists, tokenizer.token_to_id(PAD))
 
     args.out.mkdir(parents=True, exist_ok=True)
     weights = dict(tree_flatten(model.parameters()))
@@ -455,7 +452,7 @@ def main():
     size_mb = (args.out / "model.safetensors").stat().st_size / 1e6
     print(f"saved to {args.out}")
     print(f"parameters: {n_params:,}  weights: {size_mb:.2f} MB")
-    print(f"training time: {seconds:.1f}s ({steps} steps of {BATCH_SIZE} sentences)")
+    print(f"training time: {seconds:.1f}s ({STEPS} steps of {BATCH_SIZE} sentences)")
     print(f"capital accuracy: {accuracy:.1%} over {len(COUNTRIES)} countries; wrong: {wrong}")
     print(f"logit lens 'The capital of France is': {lens}")
     print(f"' Paris' first top-1 at layer {first_paris}; final layer top-1 {lens[-1]!r}")

@@ -10,6 +10,13 @@ from mlxterp.errors import InputError, LayerIndexError
 PROMPTS = ["The quick brown fox", "Hello world", "Machine learning is", "The capital of France is Paris"]
 
 
+def assert_close(a, b):
+    """Equal up to float32 rounding of a different batch: 1e-4 of the largest activation."""
+    a, b = np.array(a), np.array(b)
+    assert a.shape == b.shape
+    assert np.abs(a - b).max() <= 1e-4 * max(1.0, np.abs(b).max())
+
+
 def test_guide_shapes(demo_model):
     hidden = demo_model.hidden_size
     acts = get_activations(demo_model, prompts=PROMPTS[:3], layers=[3, 8, 12], positions=-1)
@@ -26,8 +33,8 @@ def test_values_are_the_layer_outputs_at_each_prompts_own_positions(demo_model):
             layer = demo_model.layers[2].output.save()[0]
             mlp = demo_model.layers[5].mlp.output.save()[0]
         for k, position in enumerate([0, 1, -1]):
-            assert np.allclose(np.array(acts["layer_2"][row, k]), np.array(layer[position]), atol=1e-4)
-            assert np.allclose(np.array(acts["layers.5.mlp"][row, k]), np.array(mlp[position]), atol=1e-4)
+            assert_close(acts["layer_2"][row, k], layer[position])
+            assert_close(acts["layers.5.mlp"][row, k], mlp[position])
 
 
 def test_batches_keep_prompt_order_and_equal_one_batch(demo_model):
@@ -35,8 +42,7 @@ def test_batches_keep_prompt_order_and_equal_one_batch(demo_model):
     whole = get_activations(demo_model, prompts, layers=[4, 9])
     batched = batch_get_activations(demo_model, prompts, layers=[4, 9], batch_size=5)
     for key in whole:
-        assert batched[key].shape == whole[key].shape
-        assert np.allclose(np.array(batched[key]), np.array(whole[key]), atol=1e-4)
+        assert_close(batched[key], whole[key])
 
 
 def test_progress_bar_on_request_does_not_change_results(demo_model, capsys):
@@ -54,7 +60,7 @@ def test_streaming_to_shards_and_reading_back(demo_model, tmp_path):
         "shard-00000.safetensors", "shard-00001.safetensors", "shard-00002.safetensors"]
     loaded = load_activations(path)
     for key in ("layer_3", "layer_8"):
-        assert np.array_equal(np.array(loaded[key]), np.array(in_memory[key]))
+        assert_close(loaded[key], in_memory[key])
     indices = [shard["index"].tolist() for shard in iter_activation_shards(path, keys=["layer_8"])]
     assert sum(indices, []) == list(range(20))
     with pytest.raises(InputError, match="already holds"):

@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 from daemon_support import MODEL, daemon_env
 from mlxterp_repl import paths as daemon_files
@@ -24,9 +25,12 @@ predict layers.15 @ -1 top 3
 """
 
 
-def mlxterp_run(tmp_path, *flags):
+TOUR = Path(__file__).resolve().parent.parent / "examples" / "tour.mlxq"
+
+
+def mlxterp_run(tmp_path, *flags, script="script.mlxq"):
     return subprocess.run(
-        [sys.executable, "-m", "mlxterp_repl.cli", "run", "script.mlxq", "--model", MODEL, "--keep-going", *flags],
+        [sys.executable, "-m", "mlxterp_repl.cli", "run", str(script), "--model", MODEL, "--keep-going", *flags],
         cwd=tmp_path, env=daemon_env(tmp_path / "rt"), capture_output=True, text=True, timeout=120)
 
 
@@ -50,6 +54,24 @@ def test_run_through_the_daemon_prints_exactly_what_local_prints(tmp_path):
         assert outputs[True].stdout.count('"ok": ') == 9
         # files a query writes land where the client runs, not in the daemon's directory
         assert (tmp_path / "out" / "mlps.npz").exists()
+    finally:
+        pid = daemon_files.read_pid_file(files).get("pid")
+        if pid:
+            os.kill(pid, signal.SIGTERM)
+
+
+def test_the_tour_prints_the_same_bytes_through_the_daemon_and_locally(tmp_path):
+    """Every statement of examples/tour.mlxq; on a fresh daemon, so `info`'s trace cache
+    line (empty at that point) reads as in the local run."""
+    files = daemon_files.daemon_paths(tmp_path / "rt")
+    try:
+        remote = mlxterp_run(tmp_path, script=TOUR)
+        local = mlxterp_run(tmp_path, "--local", script=TOUR)
+        assert remote.returncode == local.returncode == 0, (remote.stderr[-3000:], local.stderr[-3000:])
+        assert remote.stdout == local.stdout and remote.stderr == local.stderr
+        assert "trace cache │ 0 entries, 0.0 MiB used of 512 MiB" in local.stdout
+        assert "│ norm(layers.6) │    () │" in local.stdout  # a 0-d array stays 0-d through the daemon
+        assert local.stdout.count("\n") > 300 and "logit lens" in local.stdout and "patching mlp" in local.stdout
     finally:
         pid = daemon_files.read_pid_file(files).get("pid")
         if pid:

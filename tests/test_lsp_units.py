@@ -8,8 +8,9 @@ from hypothesis import strategies as st
 
 from mlxterp_lsp.checks import layer_problem, match_token, parse_findings, probe_name, variable_findings
 from mlxterp_lsp.documents import Document, from_client, split_chunks, to_client
-from mlxterp_lsp.inline import InlineResult, apply_edit, recheck, summary_text
+from mlxterp_lsp.inline import InlineResult, apply_edit, full_text, recheck, summary_text
 from mlxterp_lsp.link import Settings
+from mlxterp_repl.dsl.results import TableResult, TextResult
 
 
 def result_at(line, lines):
@@ -63,11 +64,19 @@ def test_recheck_marks_a_result_stale_when_its_line_text_differs():
 
 
 def test_inline_text_is_at_most_the_limit_and_marks_staleness():
-    data = {"kind": "text", "message": "a message much longer than forty characters, going on and on"}
-    assert len(summary_text(data, 40)) == 40
+    data = TextResult("a message much longer than forty characters, going on and on").to_data()
+    assert len(summary_text(data, 40)) == 40 and summary_text(data, 40).startswith("a message much")
+    assert len(summary_text(data, 20)) == 20
     stale = InlineResult(line=0, source="", summary=summary_text(data, 40), full="", stale=True)
     assert stale.shown(40).startswith("(stale)") and len(stale.shown(40)) <= 40
     assert summary_text({"summary": "(1, 128) norm 12.3"}, 40) == "(1, 128) norm 12.3"
+
+
+def test_hover_shows_the_result_as_the_terminal_draws_it():
+    table = TableResult(["position", "id", "token"], [[0, 1, "<s>"], [1, 84, "The"]], kind="tokens", title="'The'")
+    hover = full_text(table.to_data(), "tokens")
+    assert hover.startswith("**tokens**")
+    assert "│        1 │ 84 │ The   │" in hover  # the table itself, not a dump of its data
 
 
 def test_layer_index_out_of_range_and_empty_ranges_are_found():

@@ -282,8 +282,6 @@ def test_the_tour_renders_in_80_columns_without_colour(client, tmp_path):
     assert "error" not in output.lower() and "cannot display" not in output
 
 
-@pytest.mark.xfail(strict=True, reason="LensResult's grid (mlxterp_repl/dsl/results.py) lets rich squeeze the "
-                   "layer column to nothing when the positions fill 80 columns")
 def test_lens_grid_keeps_its_layer_numbers_in_80_columns(client, tmp_path):
     output = Typist(client, tmp_path).run(PROMPT + "lens\r" + CTRL_D)
     grid = output.split("logit lens", 1)[1]

@@ -76,6 +76,16 @@ class TraceCache:
         self._entries.clear()
         self.used_bytes = 0
 
+    def report(self, shapes: bool = True) -> dict:
+        """What the cache holds, as plain data: entries, bytes, budget, hits, misses and (with
+        `shapes`) per entry, least recently used first, {full module name: output shape}."""
+        held = {"entries": len(self._entries), "bytes": self.used_bytes, "budget": self.budget_bytes,
+                "hits": self.hits, "misses": self.misses}
+        if shapes:
+            held["shapes"] = [{name: [int(n) for n in array.shape] for name, array in activations.items()}
+                              for activations, _nbytes in list(self._entries.values())]
+        return held
+
     def __len__(self) -> int:
         return len(self._entries)
 
@@ -99,11 +109,21 @@ def to_numpy(array) -> np.ndarray:
     return np.asarray(array, dtype=np.float32)
 
 
-class Session:
-    """One client's state: model, current prompt, `$` variables, steering."""
+def load_model(source: str, layer_attr: str = "layers") -> InterpretableModel:
+    """What `load` does unless a Session is given another loader."""
+    return InterpretableModel(source, layer_attr=layer_attr)
 
-    def __init__(self, model: InterpretableModel | None = None, workdir: str | os.PathLike | None = None):
+
+class Session:
+    """One client's state: model, current prompt, `$` variables, steering.
+
+    `loader(source, layer_attr)` is what `load` calls for a model; a process holding
+    several sessions passes one that hands out models it already has."""
+
+    def __init__(self, model: InterpretableModel | None = None, workdir: str | os.PathLike | None = None,
+                 loader=load_model):
         self.model = model
+        self.loader = loader
         self.workdir = Path(workdir) if workdir is not None else None
         self.prompt: str | None = None
         self.variables: dict[str, ValuesResult] = {}
@@ -356,7 +376,7 @@ class Session:
     def do_load(self, node: ast.Load, run: Run):
         layer_attr = node.options.get("layers", "layers")
         try:
-            model = InterpretableModel(node.source.value, layer_attr=layer_attr)
+            model = self.loader(node.source.value, layer_attr)
         except (MlxterpError, OSError, ValueError) as error:
             raise QueryError(str(error), node.source.span, ["demo"]) from None
         self.model = model
@@ -544,7 +564,7 @@ class Session:
         named = {}
         for label, array in arrays:
             key = label if label not in named else f"{label}_{len(named)}"
-            named[key] = np.ascontiguousarray(array)
+            named[key] = np.asarray(array, order="C")  # (np.ascontiguousarray would make a 0-d array 1-d)
         try:
             if suffix == ".npz":
                 np.savez(path, **named)
@@ -565,7 +585,14 @@ class Session:
         summary["variables"] = ["$" + v for v in self.variables]
         summary["steering"] = [i.canonical() for i, _, _ in self.steering]
         rows = [[key, str(value)] for key, value in summary.items()]
-        return TableResult(["", ""], rows, kind="info", title=repr(model), fields={"model": summary})
+        fields = {"model": summary}
+        if run.trace_cache is not None and hasattr(run.trace_cache, "report"):
+            held = run.trace_cache.report(shapes=False)
+            fields["cache"] = held
+            entries = f"{held['entries']} " + ("entry" if held["entries"] == 1 else "entries")
+            rows.append(["trace cache", f"{entries}, {held['bytes'] / 2**20:.1f} MiB used of "
+                                        f"{held['budget'] / 2**20:.0f} MiB"])
+        return TableResult(["", ""], rows, kind="info", title=repr(model), fields=fields)
 
     def do_help(self, node: ast.Help, run: Run):
         if node.topic is None:

@@ -3,16 +3,20 @@
 Each result is plain data plus three views of it: `render()` (a rich renderable for a
 terminal: tables, a coloured layer x position grid for `lens`, a bar chart for `patch`, a
 sparkline for saved values), `to_data()` (plain dicts, lists, numbers and strings; arrays
-as {"dtype", "shape", "data": bytes}) and `summary(max_len)` (one line for inline display).
+as {"dtype", "shape", "data": bytes}; with "summary" and "text", the other two views as
+plain text, for clients that do not draw) and `summary(max_len)` (one line for inline
+display). `result_from_data(data)` rebuilds the object from its `to_data()` form, so a
+client of the daemon draws a result with the same code as the process that made it.
 """
 
 from __future__ import annotations
 
+import io
 import math
 from dataclasses import dataclass, field
 
 import numpy as np
-from rich.console import Group
+from rich.console import Console, Group
 from rich.table import Table
 from rich.text import Text
 
@@ -39,9 +43,30 @@ def sparkline(values, width: int = 24) -> str:
     return "".join(SPARK[i] for i in levels)
 
 
-def array_data(array: np.ndarray) -> dict:
-    array = np.ascontiguousarray(array)
-    return {"dtype": str(array.dtype), "shape": list(array.shape), "data": array.tobytes()}
+def array_data(array) -> dict:
+    """An array in plain form: {"dtype", "shape", "data": its bytes, C order, little-endian}.
+    (Not np.ascontiguousarray: that makes a 0-d array 1-d.)"""
+    array = np.asarray(array)
+    if array.dtype.byteorder == ">":
+        array = array.astype(array.dtype.newbyteorder("<"))
+    return {"dtype": array.dtype.name, "shape": list(array.shape), "data": array.tobytes(order="C")}
+
+
+def array_from_data(data: dict) -> np.ndarray:
+    """The array of `array_data`'s form; bfloat16 (no numpy dtype) comes back as float32.
+    Raises ValueError for a dtype numpy does not know or bytes that do not fit the shape."""
+    if "data" not in data:
+        raise ValueError("this array came without its bytes (a fetch handle: fetch them from the daemon first)")
+    raw, dtype = data["data"], data["dtype"]
+    shape = tuple(int(n) for n in data["shape"])
+    if dtype == "bfloat16":
+        bits = np.frombuffer(raw, dtype="<u2").astype(np.uint32) << 16
+        return bits.view(np.float32).reshape(shape)
+    try:
+        np_dtype = np.dtype(dtype).newbyteorder("<")
+    except TypeError:
+        raise ValueError(f"unknown array dtype {dtype!r}") from None
+    return np.frombuffer(raw, dtype=np_dtype).reshape(shape).copy()
 
 
 def array_stats(array: np.ndarray) -> dict:
@@ -87,6 +112,21 @@ def prediction_data(predictions) -> list[dict]:
     return [{"id": int(i), "score": float(s), "token": t} for i, s, t in predictions]
 
 
+def predictions_from_data(cells: list[dict]) -> list[tuple]:
+    return [(int(d["id"]), float(d["score"]), d["token"]) for d in cells]
+
+
+TEXT_WIDTH = 100  # columns of the plain-text rendering in to_data()["text"]
+
+
+def plain_text(renderable, width: int = TEXT_WIDTH) -> str:
+    """A renderable drawn as plain text (no colour, no control codes), `width` columns wide."""
+    console = Console(file=io.StringIO(), width=width, color_system=None, highlight=False, emoji=False,
+                      legacy_windows=False, force_terminal=False, force_jupyter=False)
+    console.print(renderable)
+    return console.file.getvalue()
+
+
 # ---- the results -------------------------------------------------------------------------
 
 
@@ -101,7 +141,13 @@ class Result:
         return {}
 
     def to_data(self) -> dict:
-        return {"kind": self.kind, **self.data(), "notes": list(self.notes)}
+        return {"kind": self.kind, **self.data(), "notes": list(self.notes),
+                "summary": self.summary(40), "text": plain_text(self.render())}
+
+    @classmethod
+    def from_data(cls, kind: str, fields: dict, notes: list[str]):
+        """The result whose `to_data()` gave `fields` (plus the keys every result has)."""
+        raise NotImplementedError
 
     def body(self):
         return Text(self.short())
@@ -128,6 +174,11 @@ class TextResult(Result):
     def data(self):
         return {"message": self.message, **self.fields}
 
+    @classmethod
+    def from_data(cls, kind, fields, notes):
+        rest = {k: v for k, v in fields.items() if k != "message"}
+        return cls(fields["message"], kind=kind, fields=rest, notes=notes)
+
     def body(self):
         return Text(self.message)
 
@@ -147,6 +198,12 @@ class TableResult(Result):
 
     def data(self):
         return {"title": self.title, "columns": list(self.columns), "rows": [list(r) for r in self.rows], **self.fields}
+
+    @classmethod
+    def from_data(cls, kind, fields, notes):
+        rest = {k: v for k, v in fields.items() if k not in ("title", "columns", "rows")}
+        return cls(list(fields["columns"]), [list(r) for r in fields["rows"]], kind=kind,
+                   title=fields.get("title", ""), fields=rest, notes=notes)
 
     def body(self):
         table = Table(title=Text(self.title) if self.title else None, title_justify="left")
@@ -178,6 +235,11 @@ class ValuesResult(Result):
             "where": self.where,
             "arrays": [{"label": label, **array_stats(a), "array": array_data(a)} for label, a in self.arrays],
         }
+
+    @classmethod
+    def from_data(cls, kind, fields, notes):
+        arrays = [(entry["label"], array_from_data(entry["array"])) for entry in fields["arrays"]]
+        return cls(arrays, kind=kind, name=fields.get("name"), where=fields.get("where", ""), notes=notes)
 
     def body(self):
         title = (f"${self.name} = " if self.name else "") + self.where
@@ -221,6 +283,12 @@ class LensResult(Result):
             "plot": self.plot,
         }
 
+    @classmethod
+    def from_data(cls, kind, fields, notes):
+        predictions = [[predictions_from_data(cell) for cell in row] for row in fields["predictions"]]
+        return cls(list(fields["layers"]), list(fields["positions"]), list(fields["tokens"]), predictions,
+                   kind=kind, plot=fields.get("plot"), notes=notes)
+
     def body(self):
         if len(self.positions) == 1:
             position = self.positions[0]
@@ -234,12 +302,18 @@ class LensResult(Result):
                 cells = [Text(f"{token_label(t)} {s:.2f}", style=colour_of(i)) for i, s, t in row[0]]
                 table.add_row(str(layer), *cells)
         else:
+            # In a narrow terminal the token columns shrink (their cells end in "…"); the layer
+            # column never does. Rich only shrinks columns that may wrap, so the token columns
+            # may, and their cells themselves do not.
             table = Table(title="logit lens: top token per layer (rows) and position (columns)", title_justify="left")
-            table.add_column("layer", justify="right")
+            table.add_column("layer", justify="right", no_wrap=True,
+                             min_width=max((len(str(layer)) for layer in self.layers), default=1))
             for position, token in zip(self.positions, self.tokens):
-                table.add_column(Text(f"{position}\n{token_label(token)}"), max_width=14, no_wrap=True)
+                header = Text(f"{position}\n{token_label(token)}", no_wrap=True, overflow="ellipsis")
+                table.add_column(header, max_width=14, overflow="ellipsis")
             for layer, row in zip(self.layers, self.predictions):
-                cells = [Text(token_label(cell[0][2]), style=colour_of(cell[0][0])) for cell in row]
+                cells = [Text(token_label(cell[0][2]), style=colour_of(cell[0][0]), no_wrap=True, overflow="ellipsis")
+                         for cell in row]
                 table.add_row(str(layer), *cells)
         if self.plot:
             return Group(table, Text(f"plot: {self.plot}", style="dim"))
@@ -259,6 +333,11 @@ class PredictResult(Result):
 
     def data(self):
         return {"rows": [{"label": label, "predictions": prediction_data(p)} for label, p in self.rows]}
+
+    @classmethod
+    def from_data(cls, kind, fields, notes):
+        rows = [(row["label"], predictions_from_data(row["predictions"])) for row in fields["rows"]]
+        return cls(rows, kind=kind, notes=notes)
 
     def body(self):
         table = Table(title_justify="left")
@@ -293,6 +372,11 @@ class PatchResult(Result):
             "plot": self.plot,
         }
 
+    @classmethod
+    def from_data(cls, kind, fields, notes):
+        recovery = {int(layer): float(value) for layer, value in fields["recovery"].items()}
+        return cls(fields["component"], fields["metric"], recovery, kind=kind, plot=fields.get("plot"), notes=notes)
+
     def body(self):
         title = Text(f"patching {self.component} ({self.metric}): recovery % per layer")
         table = Table(title=title, title_justify="left")
@@ -315,3 +399,34 @@ class PatchResult(Result):
             return f"patch {self.component}: no finite recovery"
         best = max(finite, key=finite.get)
         return f"best layer {best}: {finite[best]:+.1f}%"
+
+
+# ---- rebuilding ---------------------------------------------------------------------------
+
+COMMON_KEYS = ("kind", "notes", "summary", "text")  # what to_data() puts in every result
+BY_KIND = {"lens": LensResult, "predict": PredictResult, "patch": PatchResult}
+
+
+def result_from_data(data: dict) -> Result:
+    """The result object of a `to_data()` dict (as the daemon sends it, arrays with their
+    bytes), to draw with `render()`. Raises ValueError when `data` is no result's form."""
+    if not isinstance(data, dict) or not isinstance(data.get("kind"), str):
+        raise ValueError(f"a result's data is a dict with a 'kind', got {type(data).__name__}")
+    kind = data["kind"]
+    fields = {k: v for k, v in data.items() if k not in COMMON_KEYS}
+    notes = [str(note) for note in data.get("notes") or []]
+    cls = BY_KIND.get(kind)
+    if cls is None:  # the kinds of these three are many (save/let, tokens/stats/ls/..., prompt/load/...)
+        if "arrays" in fields:
+            cls = ValuesResult
+        elif "columns" in fields and "rows" in fields:
+            cls = TableResult
+        elif "message" in fields:
+            cls = TextResult
+        else:
+            raise ValueError(f"no result type has the fields of this {kind!r} result: {', '.join(fields) or 'none'} "
+                             "(valid: arrays, columns and rows, message, or kind lens, predict or patch)")
+    try:
+        return cls.from_data(kind, fields, notes)
+    except (KeyError, TypeError) as error:
+        raise ValueError(f"this {kind!r} result's data is incomplete or malformed: {type(error).__name__}: {error}") from None
