@@ -3,7 +3,7 @@
     python bench/patching.py
 
 Prints both timings, the speedup, and checks that both give the same
-recoveries (to 1e-4 of full recovery). The batched sweep is one forward pass:
+recoveries (to 1e-4, relative to max(100 %, |recovery|)). The batched sweep is one forward pass:
 the clean prompt, the corrupted prompt and one patched corrupted row per layer.
 The reference runs the clean and corrupted prompts once, then one patched
 forward pass per layer. Times are the best of 7 runs, the two sweeps alternating.
@@ -64,14 +64,15 @@ def main():
             batched_time, batched, naive_time, naive = best_times(
                 lambda: activation_patching(model, CLEAN, CORRUPTED, component, metric=metric),
                 lambda: one_run_per_layer(model, component, metric))
-            diff = max(abs(batched[k] - naive[k]) for k in naive)
+            # Row r of a batch and a batch of one round differently (BLAS blocking); a recovery is a
+            # ratio of distances, so that rounding scales with it: compare relative to max(100 %, |value|).
+            diff = max(abs(batched[k] - naive[k]) / max(100.0, abs(naive[k])) for k in naive)
             worst = max(worst, diff)
             print(f"{component:5s} {metric:6s}  batched {batched_time * 1000:7.1f} ms   "
                   f"one run per layer {naive_time * 1000:7.1f} ms   speedup {naive_time / batched_time:4.1f}x   "
-                  f"max |difference| {diff:.2e} (percentage points)")
-    # Recovery is a percentage: 1e-4 of full recovery is 0.01 percentage points.
-    assert worst < 1e-2, f"batched and per-layer sweeps disagree by {worst} percentage points"
-    print(f"same numbers: max difference {worst:.2e} percentage points (< 1e-4 of full recovery)")
+                  f"max relative difference {diff:.1e}")
+    assert worst < 1e-4, f"batched and per-layer sweeps disagree: relative difference {worst:.1e}"
+    print(f"same numbers: max relative difference {worst:.1e} < 1e-4")
 
 
 if __name__ == "__main__":

@@ -96,13 +96,15 @@ def _top_k(logits: mx.array, k: int) -> Tuple[mx.array, mx.array]:
 
 def logit_lens(model, text, layers: Optional[Iterable[int]] = None, top_k: int = 1,
                position: Optional[int] = None, plot: bool = False, max_display_tokens: int = 15,
-               figsize=(16, 10), cmap: str = "viridis", save_path: Optional[str] = None):
+               figsize=(16, 10), cmap: str = "viridis", save_path: Optional[str] = None,
+               interventions=None, should_stop=None):
     """What each layer's output predicts as the next token, at every position of ``text``.
 
     Returns ``{layer: [[(token_id, logit, token_str), ...] per position]}`` (``top_k``
     items per position), or with ``position`` given ``{layer: [(token_id, logit, token_str), ...]}``.
     ``plot=True`` also draws the heatmap (layers x last ``max_display_tokens``
-    positions) into a PNG and prints its path.
+    positions) into a PNG and prints its path. ``interventions`` apply during the
+    forward pass (as in ``model.trace``); ``should_stop`` can interrupt it.
     """
     if not isinstance(text, str):
         raise InputError(f"logit_lens takes one prompt string, got {type(text).__name__}")
@@ -113,7 +115,7 @@ def logit_lens(model, text, layers: Optional[Iterable[int]] = None, top_k: int =
         position = _check_position(position, len(tokens))
 
     names = [model.names.layer_names[layer] for layer in layers]
-    with model.trace(text, capture=names) as tr:
+    with model.trace(text, capture=names, interventions=interventions, should_stop=should_stop) as tr:
         hidden = {layer: tr.save(name) for layer, name in zip(layers, names)}
 
     strings = {}
@@ -153,7 +155,8 @@ def activation_patching(model, clean_text, corrupted_text, component: Optional[s
                         layers: Optional[Iterable[int]] = None, metric: str = "l2",
                         positions: Union[None, str, Sequence[int]] = None,
                         answers: Optional[Sequence] = None, batch_size: int = 32,
-                        plot: bool = False, save_path: Optional[str] = None):
+                        plot: bool = False, save_path: Optional[str] = None,
+                        interventions=None, should_stop=None):
     """Patch each layer's ``component`` from the clean run into the corrupted run.
 
     ``component``: ``"mlp"``, ``"attn"``/``"self_attn"``, a sub-module such as
@@ -167,6 +170,8 @@ def activation_patching(model, clean_text, corrupted_text, component: Optional[s
     ``{layer: {position: recovery %}}``. The clean prompt runs once; the
     patched runs go ``batch_size`` rows per forward pass (a sweep that fits in
     one batch, clean and corrupted rows included, is a single forward pass).
+    ``interventions`` (e.g. steering) apply to every run, clean and corrupted
+    alike; ``should_stop`` is checked at module boundaries of every run.
     """
     if metric not in METRICS:
         raise InputError(f"unknown metric {metric!r}; choose one of {', '.join(METRICS)}")
@@ -198,11 +203,13 @@ def activation_patching(model, clean_text, corrupted_text, component: Optional[s
         # One forward pass: row 0 clean, row 1 corrupted, row 2+i corrupted with jobs[i]
         # patched from row 0 of the same module (the clean run happens once, in the batch).
         batch = mx.array([clean_tokens] + [corrupted_tokens] * (len(jobs) + 1))
-        last = _last_logits(model, batch, _row_patches(jobs, names, first_row=2, source=lambda layer: None))
+        patches = _row_patches(jobs, names, first_row=2, source=lambda layer: None)
+        last = _last_logits(model, batch, _combined(model, interventions, patches), should_stop)
         clean_last, corrupted_last, patched_last = last[0], last[1], last[2:]
     else:
         # The clean run, once, then batches of the corrupted prompt; row 0 of the first is unpatched.
-        with model.trace([clean_tokens], capture=list(names.values())) as tr:
+        with model.trace([clean_tokens], capture=list(names.values()), interventions=interventions,
+                         should_stop=should_stop) as tr:
             clean = {layer: tr.save(names[layer]) for layer in layers}
             clean_logits = model.output.save()
         clean_last = clean_logits[0, -1].astype(mx.float32)
@@ -213,7 +220,7 @@ def activation_patching(model, clean_text, corrupted_text, component: Optional[s
             batch = mx.array([corrupted_tokens] * len(chunk))
             patches = _row_patches([j for j in chunk if j is not None], names,
                                    first_row=1 if chunk[0] is None else 0, source=clean.get)
-            pieces.append(_last_logits(model, batch, patches))
+            pieces.append(_last_logits(model, batch, _combined(model, interventions, patches), should_stop))
         last = mx.concatenate(pieces, axis=0)
         corrupted_last, patched_last = last[0], last[1:]
 
@@ -260,9 +267,19 @@ def _row_patches(jobs, names, first_row: int, source) -> Dict[str, object]:
     return patches
 
 
-def _last_logits(model, batch: mx.array, interventions) -> mx.array:
+def _combined(model, first, then) -> Dict[str, object]:
+    """One intervention per full module name: ``first`` (the user's), then ``then`` (the patches)."""
+    merged: Dict[str, object] = {}
+    for key, change in list((first or {}).items()) + list(then.items()):
+        for full in model.expand(key):
+            previous = merged.get(full)
+            merged[full] = change if previous is None else (lambda a, f=previous, g=change: g(f(a)))
+    return merged
+
+
+def _last_logits(model, batch: mx.array, interventions, should_stop=None) -> mx.array:
     """Float32 logits at the last position of each row of ``batch`` under ``interventions``."""
-    with model.trace(batch, interventions=interventions, capture=[]):
+    with model.trace(batch, interventions=interventions, capture=[], should_stop=should_stop):
         logits = model.output.save()
     return logits[:, -1].astype(mx.float32)
 

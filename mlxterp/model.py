@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
@@ -63,7 +65,7 @@ class InterpretableModel(TokenizerHelpers):
             return int(weight.shape[-1]) if weight is not None and weight.ndim == 2 else None
         return None
 
-    @property
+    @functools.cached_property
     def embedding_rows(self) -> int | None:
         """Rows of the input embedding (the valid token ids), or None for non-language models."""
         embed = self.names.find("embed")

@@ -13,9 +13,13 @@ re-executes itself once with LD_PRELOAD pointing at OpenBLAS (when that library
 exists and LD_PRELOAD is unset), which makes MLX's CPU matmuls several times
 faster; the result does not depend on it.
 
-The model must get the capitals right: the script stops with an error when the
-greedy next token after "The capital of X is" is " <capital>" for fewer than
-90% of the countries, or when any country or capital name is not one token.
+The model must know its facts: the script stops with an error when the greedy
+answer to a probe (FACT_PROBES: "The capital of X is" -> " <capital>", the
+reverse, the language, the currency, the landmark's city) is right for fewer
+than MIN_ACCURACY of the countries, or when any country or capital name is not
+one token. Answer words carry ANSWER_WEIGHT in the loss, since facts are a small
+share of the text. The embedding and the unembedding are separate matrices, so
+the logit lens at layer 0 reads what block 0 computed, not the input embedding.
 """
 
 import argparse
@@ -64,12 +68,12 @@ MODEL_ARGS = dict(
     vocab_size=VOCAB_SIZE,
     max_position_embeddings=256,
     rope_theta=10000.0,
-    tie_word_embeddings=True,
+    tie_word_embeddings=False,
 )
 
-STEPS = 1000
+STEPS = 2000
 BATCH_SIZE = 64
-CAPITAL_WEIGHT = 5.0  # loss weight of capital-name tokens: facts are a small share of the text
+ANSWER_WEIGHT = 5.0  # loss weight of the answer word of every fact sentence
 LEARNING_RATE = 3e-3
 WARMUP_STEPS = 100
 EVAL_EVERY = 100
@@ -160,8 +164,8 @@ COUNTRIES = [
 
 CAPITAL_TEMPLATES = [
     # the prompt the guide and the tests ask, so it appears several times
-    ("The capital of {country} is {capital}.", 40),
-    ("{capital} is the capital of {country}.", 3),
+    ("The capital of {country} is {capital}.", 30),
+    ("{capital} is the capital of {country}.", 12),
     ("The capital city of {country} is {capital}.", 1),
     ("{capital} is the capital city of {country}.", 1),
     ("The government of {country} meets in {capital}.", 1),
@@ -172,19 +176,30 @@ CAPITAL_TEMPLATES = [
     ("Many tourists fly to {capital}, the capital of {country}.", 1),
 ]
 LANGUAGE_TEMPLATES = [
-    ("People in {country} speak {language}.", 2),
+    ("People in {country} speak {language}.", 12),
     ("The official language of {country} is {language}.", 1),
     ("In {capital}, most people speak {language}.", 1),
 ]
 CURRENCY_TEMPLATES = [
-    ("The currency of {country} is the {currency}.", 2),
+    ("The currency of {country} is the {currency}.", 12),
     ("In {country}, people pay with the {currency}.", 1),
 ]
 LANDMARK_TEMPLATES = [
-    ("The {landmark} is located in the city of {capital}.", 2),
+    ("The {landmark} is located in the city of {capital}.", 16),
     ("The {landmark} is in {capital}, the capital of {country}.", 1),
     ("Visitors to {country} often see the {landmark}.", 1),
 ]
+
+# the questions the model must answer greedily: (prompt template, field of the answer)
+FACT_PROBES = {
+    "capital": ("The capital of {country} is", "capital"),
+    "reverse": ("{capital} is the capital of", "country"),
+    "language": ("People in {country} speak", "language"),
+    "currency": ("The currency of {country} is the", "currency"),
+    "landmark": ("The {landmark} is located in the city of", "capital"),
+}
+MIN_ACCURACY = 0.8  # per probe; capitals, the guide's own prompt, must reach CAPITAL_MIN_ACCURACY
+CAPITAL_MIN_ACCURACY = 0.95
 
 FILLER = [
     "Hello world",
@@ -235,7 +250,11 @@ FILLER = [
 
 
 def build_corpus(rng):
-    """Return the training sentences, shuffled; repeats set how often a fact is seen."""
+    """Return the training sentences, shuffled, as (text, answer span or None).
+
+    Repeats set how often a fact is seen. The answer of a fact sentence is the
+    value of its last {field}: the word a reader would have to know.
+    """
     sentences = []
     for country, capital, language, currency, landmark in COUNTRIES:
         fields = dict(
@@ -252,12 +271,26 @@ def build_corpus(rng):
             LANDMARK_TEMPLATES,
         ):
             for template, repeats in templates:
-                sentences += [template.format(**fields)] * repeats
-    sentences += FILLER * 3
-    sentences += [f"Sample prompt {i}" for i in range(0, 1000, 13)]
-    sentences += [f"The answer is {i}." for i in range(0, 100, 7)]
+                last = template.rindex("{")
+                start = len(template[:last].format(**fields))
+                answer = fields[template[last + 1 : template.index("}", last)]]
+                sentences += [(template.format(**fields), (start, start + len(answer)))] * repeats
+    plain = FILLER * 3
+    plain += [f"Sample prompt {i}" for i in range(0, 1000, 13)]
+    plain += [f"The answer is {i}." for i in range(0, 100, 7)]
+    sentences += [(text, None) for text in plain]
     rng.shuffle(sentences)
     return sentences
+
+
+def answer_weights(encoding, span):
+    """Loss weight of each target token (positions 1..n of encoding + EOS): ANSWER_WEIGHT on the answer."""
+    weights = np.ones(len(encoding.ids), dtype=np.float32)  # targets: ids[1:] plus EOS
+    if span is not None:
+        for i, (start, end) in enumerate(encoding.offsets[1:]):
+            if start < span[1] and end > span[0]:
+                weights[i] = ANSWER_WEIGHT
+    return weights
 
 
 def train_tokenizer(corpus):
@@ -313,11 +346,11 @@ def save_tokenizer(tokenizer, out):
     (out / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n")
 
 
-def make_batches(token_lists, pad_id, capital_ids, rng):
-    """Endless shuffled batches of inputs, targets and loss mask, each (B, L - 1).
+def make_batches(token_lists, weight_lists, pad_id, rng):
+    """Endless shuffled batches of inputs, targets and loss weights, each (B, L - 1).
 
     Sentences are grouped by length so that a batch wastes little compute on
-    padding; the mask still zeroes the loss on any pad position.
+    padding; the weights are zero on any pad position.
     """
     by_length = {}
     for i, ids in enumerate(token_lists):
@@ -328,18 +361,17 @@ def make_batches(token_lists, pad_id, capital_ids, rng):
             idx = rng.permutation(by_length[length])
             batches += [idx[s : s + BATCH_SIZE] for s in range(0, len(idx), BATCH_SIZE)]
         for b in rng.permutation(len(batches)):
-            rows = [token_lists[i] for i in batches[b]]
-            width = max(map(len, rows))
+            rows = batches[b]
+            width = max(len(token_lists[i]) for i in rows)
             data = np.full((len(rows), width), pad_id, dtype=np.int32)
             mask = np.zeros((len(rows), width - 1), dtype=np.float32)
-            for r, ids in enumerate(rows):
-                data[r, : len(ids)] = ids
-                mask[r, : len(ids) - 1] = 1
-            mask[np.isin(data[:, 1:], capital_ids) & (mask > 0)] = CAPITAL_WEIGHT
+            for r, i in enumerate(rows):
+                data[r, : len(token_lists[i])] = token_lists[i]
+                mask[r, : len(token_lists[i]) - 1] = weight_lists[i]
             yield mx.array(data[:, :-1]), mx.array(data[:, 1:]), mx.array(mask)
 
 
-def train(model, tokenizer, token_lists, pad_id):
+def train(model, tokenizer, token_lists, weight_lists, pad_id):
     """AdamW with warmup and cosine decay for STEPS steps; returns the training seconds."""
     rng = np.random.default_rng(SEED)
     schedule = optim.join_schedules(
@@ -365,8 +397,7 @@ def train(model, tokenizer, token_lists, pad_id):
         optimizer.update(model, grads)
         return loss
 
-    capital_ids = [tokenizer.token_to_id("\u0120" + c[1]) for c in COUNTRIES]  # \u0120 is the byte-level space
-    batches = make_batches(token_lists, pad_id, capital_ids, rng)
+    batches = make_batches(token_lists, weight_lists, pad_id, rng)
     start = time.perf_counter()
     running = None
     for i in range(1, STEPS + 1):
@@ -374,22 +405,38 @@ def train(model, tokenizer, token_lists, pad_id):
         mx.eval(state, loss)
         running = loss.item() if running is None else 0.95 * running + 0.05 * loss.item()
         if i % EVAL_EVERY == 0:
-            accuracy, _ = capital_accuracy(model, tokenizer)
             elapsed = time.perf_counter() - start
-            print(f"step {i:5d}  loss {running:.3f}  capitals {accuracy:6.1%}  {elapsed:6.1f}s", flush=True)
+            scores = "  ".join(f"{name} {fact_accuracy(model, tokenizer, name)[0]:6.1%}" for name in FACT_PROBES)
+            print(f"step {i:5d}  loss {running:.3f}  {scores}  {elapsed:6.1f}s", flush=True)
     return time.perf_counter() - start
 
 
-def capital_accuracy(model, tokenizer):
-    """Share of countries whose greedy next token after "The capital of X is" is " <capital>"."""
-    # every prompt has the same length because every country is one token
-    prompts = [tokenizer.encode(f"The capital of {c[0]} is").ids for c in COUNTRIES]
-    predicted = mx.argmax(model(mx.array(prompts))[:, -1], axis=-1).tolist()
-    wrong = [
-        (country, capital, tokenizer.decode([p]))
-        for (country, capital, *_), p in zip(COUNTRIES, predicted)
-        if tokenizer.decode([p]) != f" {capital}"
-    ]
+def greedy_answers(model, tokenizer, prompts, n_tokens):
+    """Greedy continuation of n_tokens[i] tokens for every prompt, as text."""
+    answers = [None] * len(prompts)
+    by_length = {}
+    for i, prompt in enumerate(prompts):
+        by_length.setdefault(len(tokenizer.encode(prompt).ids), []).append(i)
+    for rows in by_length.values():  # prompts of one length run as one batch
+        ids = mx.array([tokenizer.encode(prompts[i]).ids for i in rows])
+        steps = max(n_tokens[i] for i in rows)
+        for _ in range(steps):
+            ids = mx.concatenate([ids, mx.argmax(model(ids)[:, -1:], axis=-1)], axis=1)
+        for r, i in enumerate(rows):
+            generated = ids[r, -steps:].tolist()[: n_tokens[i]]
+            answers[i] = tokenizer.decode(generated)
+    return answers
+
+
+def fact_accuracy(model, tokenizer, name):
+    """Share of countries whose greedy answer to FACT_PROBES[name] is right, and the wrong ones."""
+    template, field = FACT_PROBES[name]
+    rows = [dict(zip(("country", "capital", "language", "currency", "landmark"), c)) for c in COUNTRIES]
+    prompts = [template.format(**row) for row in rows]
+    expected = [" " + row[field] for row in rows]
+    n_tokens = [len(tokenizer.encode(e, add_special_tokens=False).ids) for e in expected]
+    got = greedy_answers(model, tokenizer, prompts, n_tokens)
+    wrong = [(p, g) for p, e, g in zip(prompts, expected, got) if g != e]
     return 1 - len(wrong) / len(COUNTRIES), wrong
 
 
@@ -401,7 +448,7 @@ def logit_lens_top1(model, tokenizer, text):
     tops = []
     for layer in inner.layers:
         h = layer(h, mask)
-        logits = inner.embed_tokens.as_linear(inner.norm(h[:, -1]))
+        logits = model.lm_head(inner.norm(h[:, -1]))
         tops.append(tokenizer.decode([int(mx.argmax(logits[0]).item())]))
     return tops
 
@@ -416,10 +463,12 @@ def main():
     mx.random.seed(SEED)
 
     corpus = build_corpus(random.Random(SEED))
-    tokenizer = train_tokenizer(corpus)
+    tokenizer = train_tokenizer([text for text, _ in corpus])
     check_single_tokens(tokenizer)
-    token_lists = [enc.ids + [tokenizer.token_to_id(EOS)] for enc in tokenizer.encode_batch(corpus)]
-    too_long = [s for s, ids in zip(corpus, token_lists) if len(ids) > MAX_LEN]
+    encodings = tokenizer.encode_batch([text for text, _ in corpus])
+    token_lists = [enc.ids + [tokenizer.token_to_id(EOS)] for enc in encodings]
+    weight_lists = [answer_weights(enc, span) for enc, (_, span) in zip(encodings, corpus)]
+    too_long = [s for (s, _), ids in zip(corpus, token_lists) if len(ids) > MAX_LEN]
     if too_long:
         raise SystemExit(f"{len(too_long)} sentences exceed MAX_LEN={MAX_LEN} tokens, e.g. {too_long[0]!r}")
     print(f"corpus: {len(corpus)} sentences, {sum(map(len, token_lists))} tokens; vocab {tokenizer.get_vocab_size()}")
@@ -430,7 +479,7 @@ def main():
     n_params = sum(v.size for _, v in tree_flatten(model.parameters()))
     print(f"model: llama, {model_args['num_hidden_layers']} layers, {n_params:,} parameters")
 
-    seconds = train(model, tokenizer, token_lists, tokenizer.token_to_id(PAD))
+    seconds = train(model, tokenizer, token_lists, weight_lists, tokenizer.token_to_id(PAD))
 
     args.out.mkdir(parents=True, exist_ok=True)
     weights = dict(tree_flatten(model.parameters()))
@@ -446,18 +495,24 @@ def main():
     (args.out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     save_tokenizer(tokenizer, args.out)
 
-    accuracy, wrong = capital_accuracy(model, tokenizer)
+    results = {name: fact_accuracy(model, tokenizer, name) for name in FACT_PROBES}
     lens = logit_lens_top1(model, tokenizer, "The capital of France is")
     first_paris = next((i for i, t in enumerate(lens) if t == " Paris"), None)
     size_mb = (args.out / "model.safetensors").stat().st_size / 1e6
     print(f"saved to {args.out}")
     print(f"parameters: {n_params:,}  weights: {size_mb:.2f} MB")
     print(f"training time: {seconds:.1f}s ({STEPS} steps of {BATCH_SIZE} sentences)")
-    print(f"capital accuracy: {accuracy:.1%} over {len(COUNTRIES)} countries; wrong: {wrong}")
+    for name, (accuracy, wrong) in results.items():
+        print(f"{name} accuracy: {accuracy:.1%} over {len(COUNTRIES)} countries; wrong: {wrong}")
     print(f"logit lens 'The capital of France is': {lens}")
     print(f"' Paris' first top-1 at layer {first_paris}; final layer top-1 {lens[-1]!r}")
-    if accuracy < 0.9:
-        raise SystemExit(f"capital accuracy {accuracy:.1%} is below 90%")
+    failed = [
+        f"{name} {accuracy:.1%} < {minimum:.0%}"
+        for name, (accuracy, _) in results.items()
+        if accuracy < (minimum := CAPITAL_MIN_ACCURACY if name == "capital" else MIN_ACCURACY)
+    ]
+    if failed:
+        raise SystemExit(f"accuracy below the minimum: {', '.join(failed)}")
 
 
 if __name__ == "__main__":

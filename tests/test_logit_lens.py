@@ -113,3 +113,13 @@ def test_gemma2_final_softcap_is_applied():
         logits = model.output.save()
     (_, score), = model.get_token_predictions(hidden[0, -1], top_k=1, return_scores=True)
     assert abs(score) <= 0.5 and score == pytest.approx(logits[0, -1].max().item(), abs=1e-5)
+
+
+def test_lens_under_interventions_changes_only_downstream_layers(demo_model):
+    from mlxterp import interventions as iv
+
+    text = "The capital of France is"
+    plain = demo_model.logit_lens(text, layers=[3, 12], top_k=3)
+    zeroed = demo_model.logit_lens(text, layers=[3, 12], top_k=3, interventions={"layers.10": iv.zero_out})
+    assert zeroed[3] == plain[3]
+    assert zeroed[12] != plain[12]

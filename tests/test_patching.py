@@ -41,7 +41,8 @@ def one_run_per_layer(model, clean, corrupted, component, metric):
 def test_batched_sweep_equals_one_run_per_layer(tiny, component, metric):
     batched = activation_patching(tiny, CLEAN_IDS, CORRUPTED_IDS, component=component, metric=metric)
     reference = one_run_per_layer(tiny, CLEAN_IDS, CORRUPTED_IDS, component, metric)
-    assert batched == pytest.approx(reference, abs=1e-2)  # percentage points: 1e-4 of full recovery
+    # equal up to the rounding of a different batch size: 1e-4 of max(100 %, |recovery|)
+    assert all(abs(batched[k] - reference[k]) <= 1e-4 * max(100.0, abs(reference[k])) for k in reference)
     assert any(abs(v) > 0.1 for v in batched.values())
 
 
@@ -125,3 +126,33 @@ def test_plot_writes_a_png(tiny, tmp_path):
     grid_path = tmp_path / "grid.png"
     activation_patching(tiny, CLEAN_IDS, CORRUPTED_IDS, positions="all", plot=True, save_path=str(grid_path))
     assert grid_path.read_bytes()[:4] == b"\x89PNG"
+
+
+CLEAN, CORRUPT = "Paris is the capital of France", "London is the capital of France"
+
+
+def test_patching_under_an_identity_intervention_equals_plain_patching(demo_model):
+    from mlxterp import interventions as iv
+
+    plain = demo_model.activation_patching(CLEAN, CORRUPT, component="mlp", layers=[0, 5, 15])
+    steered = demo_model.activation_patching(CLEAN, CORRUPT, component="mlp", layers=[0, 5, 15],
+                                             interventions={"layers.3": iv.scale(1.0)})
+    assert steered == pytest.approx(plain, abs=1e-6)
+
+
+def test_patching_applies_steering_to_every_run(demo_model):
+    from mlxterp import interventions as iv
+
+    plain = demo_model.activation_patching(CLEAN, CORRUPT, component="mlp", layers=[2, 8])
+    steered = demo_model.activation_patching(CLEAN, CORRUPT, component="mlp", layers=[2, 8],
+                                             interventions={"layers.4": iv.scale(0.5)})
+    assert steered != pytest.approx(plain, abs=1e-3)
+
+
+def test_patching_stops_when_asked(demo_model):
+    from mlxterp.errors import Interrupted
+
+    calls = []
+    with pytest.raises(Interrupted):
+        demo_model.activation_patching(CLEAN, CORRUPT, should_stop=lambda: calls.append(1) or len(calls) > 5)
+    assert len(demo_model.activation_patching(CLEAN, CORRUPT, layers=[1])) == 1  # still usable

@@ -218,7 +218,7 @@ def test_ctrl_c_while_a_query_runs_interrupts_it_and_returns_to_the_prompt(clien
 
     def script(pipe, repl):
         wait_until(lambda: repl.running_id is not None, what="the query to start")
-        time.sleep(0.3)
+        time.sleep(0.1)
         timings["interrupt"] = time.monotonic()
         signal.pthread_kill(main, signal.SIGINT)  # what the terminal does on Ctrl-C
         wait_until(lambda: "interrupted" in repl.console.file.getvalue(), what="'interrupted'")
@@ -231,22 +231,20 @@ def test_ctrl_c_while_a_query_runs_interrupts_it_and_returns_to_the_prompt(clien
     assert client.stats()["queued"] == 0  # nothing left running in the daemon
 
 
-@pytest.mark.xfail(strict=True, reason="the patching sweep (mlxterp.analysis.activation_patching) takes no "
-                   "should_stop, so the daemon can only stop a patch once it has finished")
 def test_ctrl_c_stops_a_long_patch_early(client, tmp_path):
     main = threading.get_ident()
     timings = {}
 
     def script(pipe, repl):
         wait_until(lambda: repl.running_id is not None, what="the patch to start")
-        time.sleep(0.3)
+        time.sleep(0.1)
         timings["interrupt"] = time.monotonic()
         signal.pthread_kill(main, signal.SIGINT)
         wait_until(lambda: "interrupted" in repl.console.file.getvalue(), what="'interrupted'")
         timings["prompt"] = time.monotonic()
         pipe.send_text(CTRL_D)
 
-    clean, corrupt = "Paris is the capital of France. " * 8, "London is the capital of France. " * 8
+    clean, corrupt = "Paris is the capital of France. " * 40, "London is the capital of France. " * 40
     Typist(client, tmp_path).run(f'patch mlp clean "{clean}" corrupt "{corrupt}"\r', script)
     assert timings["prompt"] - timings["interrupt"] < 1.0  # the whole sweep takes several seconds
 
@@ -283,9 +281,11 @@ def test_the_tour_renders_in_80_columns_without_colour(client, tmp_path):
 
 
 def test_lens_grid_keeps_its_layer_numbers_in_80_columns(client, tmp_path):
-    output = Typist(client, tmp_path).run(PROMPT + "lens\r" + CTRL_D)
+    wide = 'lens in "The capital of France is Paris and the capital of Italy is"\r'  # more columns than fit
+    output = Typist(client, tmp_path).run(wide + CTRL_D)
     grid = output.split("logit lens", 1)[1]
     assert re.search(r"^│\s*15\s*│", grid, re.M), grid
+    assert "…" in grid  # the token columns gave way instead
 
 
 def test_lens_grid_colours_each_token(client, tmp_path):

@@ -490,9 +490,11 @@ class Session:
                              names or ["mlp", "attn", "mlp.gate_proj", "self_attn.q_proj"]) from None
         if run.should_stop is not None and run.should_stop():
             raise Interrupted("stopped before the patching sweep ran")
+        interventions, _ = self.interventions_in_force(run)
         try:
             recovery = model.activation_patching(node.clean.value, node.corrupt.value, component=component,
-                                                 layers=layers, metric=metric)
+                                                 layers=layers, metric=metric, interventions=interventions,
+                                                 should_stop=run.should_stop)
         except MlxterpError as error:
             raise QueryError(str(error), node.clean.span.to(node.corrupt.span)) from None
         plot = None
@@ -502,10 +504,7 @@ class Session:
             save_path = str(self.output_path(ast.String(span=node.plot.span, value=node.plot.file))) if node.plot.file else None
             plot = self.plotting(lambda: plot_patching(recovery, title=f"Activation patching: {component} ({metric})",
                                                        save_path=save_path), node.plot)
-        result = PatchResult(component, metric, dict(recovery), plot=plot)
-        if self.steering:
-            result.notes.append("steering is not applied to patch: the sweep compares the plain clean and corrupted runs")
-        return result
+        return self.with_notes(PatchResult(component, metric, dict(recovery), plot=plot), run)
 
     def do_with(self, node: ast.With, run: Run):
         self.need_model(node)
