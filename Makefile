@@ -18,7 +18,6 @@ WITH_OPENBLAS := $(if $(OPENBLAS),LD_PRELOAD="$(OPENBLAS)",)
 .PHONY: demo test docs
 
 demo: $(STAMP)
-	$(WITH_OPENBLAS) $(VENV)/bin/python examples/tour.py
 	$(VENV)/bin/mlxterp run examples/tour.mlxq
 	$(VENV)/bin/mlxterp status
 

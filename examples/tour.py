@@ -53,10 +53,11 @@ def activation_table(model, text, layer, word):
     vector = hidden[0, position].astype(mx.float32)
     console.print(f"\n[bold]Saved activation[/]: layers.{layer} output at {word!r} (position {position}) of {text!r}")
     table = Table()
-    for column in ("shape", "norm", "mean", "std"):
+    for column in ("layer output", "at the token", "norm", "mean", "std"):
         table.add_column(column, justify="right")
     table.add_row(
         str(tuple(hidden.shape)),
+        str(tuple(vector.shape)),
         f"{mx.linalg.norm(vector).item():.3f}",
         f"{mx.mean(vector).item():.4f}",
         f"{mx.std(vector).item():.4f}",

@@ -71,7 +71,7 @@ MODEL_ARGS = dict(
     tie_word_embeddings=False,
 )
 
-STEPS = 2000
+STEPS = 2600
 BATCH_SIZE = 64
 ANSWER_WEIGHT = 5.0  # loss weight of the answer word of every fact sentence
 LEARNING_RATE = 3e-3
@@ -185,7 +185,7 @@ CURRENCY_TEMPLATES = [
     ("In {country}, people pay with the {currency}.", 1),
 ]
 LANDMARK_TEMPLATES = [
-    ("The {landmark} is located in the city of {capital}.", 16),
+    ("The {landmark} is located in the city of {capital}.", 24),
     ("The {landmark} is in {capital}, the capital of {country}.", 1),
     ("Visitors to {country} often see the {landmark}.", 1),
 ]
