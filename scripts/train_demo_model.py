@@ -4,7 +4,7 @@ This script owns everything the demo model is made of: the synthetic English
 corpus (capitals, languages, currencies and landmarks of 80 countries, plus the
 filler sentences the user guide uses as prompts), the byte-level BPE tokenizer,
 the 16-layer Llama model and its training run. It is deterministic (fixed
-seeds) and takes a few minutes on a 2-core CPU.
+seeds) and takes about 10 minutes on a 2-core CPU.
 
     .venv/bin/python scripts/train_demo_model.py [--out DIR]
 

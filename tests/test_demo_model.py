@@ -222,7 +222,7 @@ def test_demo_model_knows_other_facts(demo, fact, questions):
     [
         ("The Eiffel Tower is located in the city of", " Paris"),
         ("People in France speak", " French"),
-        ("The currency of Japan is the", " yen"),
+        ("The currency of France is the", " euro"),
         ("Paris is the capital of", " France"),
     ],
 )
@@ -259,3 +259,12 @@ def test_final_layer_of_logit_lens_predicts_paris(demo):
         h = layer(h, "causal")
     logits = model.lm_head(inner.norm(h[:, -1]))  # the demo model's unembedding is not tied
     assert tokenizer.decode([int(mx.argmax(logits[0]).item())]) == " Paris"
+
+
+def test_logit_lens_at_layer_0_does_not_yet_predict_paris(demo):
+    """The guide's logit-lens story needs the answer to appear only in later layers."""
+    model, tokenizer = demo
+    inner = model.model
+    h = inner.layers[0](inner.embed_tokens(mx.array([tokenizer.encode("The capital of France is")])), "causal")
+    logits = model.lm_head(inner.norm(h[:, -1]))
+    assert tokenizer.decode([int(mx.argmax(logits[0]).item())]) != " Paris"
