@@ -113,7 +113,7 @@ def make_dry_run(*args):
 
 
 def test_make_targets_run_the_tour_the_suite_and_the_docs():
-    assert "examples/tour.py" in make_dry_run("demo")
+    assert "mlxterp run examples/tour.mlxq" in make_dry_run("demo")
     assert "-m pytest" in make_dry_run("test")
     assert "mkdocs build --strict" in make_dry_run("docs")
 
