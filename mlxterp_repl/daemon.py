@@ -300,6 +300,11 @@ class Daemon:
                     info[key] = getattr(self.model, key)
                 except Exception:
                     pass
+            import mlx.core as mx  # loaded with the model already; imported here so hello stays light before
+
+            device = mx.default_device()
+            info["device"] = getattr(device.type, "name", str(device.type))
+            info["memory"] = mx.get_active_memory()
         return info
 
     # --- connections ---------------------------------------------------------

@@ -425,7 +425,7 @@ class ProgressLine:
 
 def daemon_memory(stats: dict, pid: int | None) -> int | None:
     """Bytes in use by the daemon: what it reports, else its resident size read from the OS."""
-    reported = stats.get("memory")
+    reported = stats.get("memory") or (stats.get("model") or {}).get("memory")  # MLX's active memory
     if isinstance(reported, dict):
         reported = reported.get("rss") or reported.get("active")
     if isinstance(reported, (int, float)):

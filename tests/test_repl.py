@@ -329,6 +329,7 @@ def test_toolbar_shows_model_size_memory_status_and_last_query_time(client, tmp_
     typist.run(PROMPT + CTRL_D)
     bar = typist.repl.toolbar()
     assert "demo" in bar and "16 layers" in bar and "hidden" in bar
+    assert re.search(r"│ (cpu|gpu) │", bar)  # the device MLX runs on
     assert re.search(r"\d+ MB", bar) and "daemon ready" in bar and re.search(r"last \d+ ms", bar)
     assert len(bar) <= 80
 
