@@ -337,19 +337,22 @@ def component_name(model, layer: int, component: Optional[str]) -> str:
 def _answer_ids(model, answers) -> Tuple[int, int]:
     if len(answers) != 2:
         raise InputError("answers is a pair (clean_answer, corrupted_answer)")
-    ids = []
-    for answer in answers:
-        if isinstance(answer, str):
-            tokens = model.encode(answer)
-            bos = getattr(model.tokenizer, "bos_token_id", None)
-            if tokens and bos is not None and tokens[0] == bos:
-                tokens = tokens[1:]
-            if len(tokens) != 1:
-                raise InputError(f"answer {answer!r} is {len(tokens)} tokens; give a single-token string or a token id")
-            ids.append(tokens[0])
-        else:
-            ids.append(int(answer))
-    return tuple(ids)
+    return tuple(answer_id(model, answer) for answer in answers)
+
+
+def answer_id(model, answer) -> int:
+    """The token id of one answer: a token id, or a string that is a single token (BOS aside)."""
+    if not isinstance(answer, str):
+        return int(answer)
+    tokens = model.encode(answer)
+    bos = getattr(model.tokenizer, "bos_token_id", None)
+    if tokens and bos is not None and tokens[0] == bos:
+        tokens = tokens[1:]
+    if len(tokens) != 1:
+        pieces = ", ".join(repr(t) for t in model.token_strings(tokens)) or "no tokens"
+        raise InputError(f"the answer {answer!r} is {len(tokens)} tokens ({pieces}); an answer must be a "
+                         f"single token, such as a word with its leading space: \" Paris\"")
+    return tokens[0]
 
 
 # -- small helpers ------------------------------------------------------------------

@@ -97,8 +97,15 @@ def test_interventions_after_a_with_target_then_queries_only():
 
 
 def test_metric_and_help_topics():
-    assert labels('patch mlp clean "a" corrupt "b" metric ') == ["l2", "mse", "cosine"]
+    assert labels('patch mlp clean "a" corrupt "b" metric ') == ["l2", "mse", "cosine", "logit_diff"]
     assert labels("help pr") == ["prompt", "predict"]
+
+
+def test_patch_offers_answers_only_where_the_metric_allows_them():
+    assert labels('patch mlp clean "a" corrupt "b" ') == ["@", "metric", "answers", "layers", "plot"]
+    assert labels('patch mlp clean "a" corrupt "b" metric logit_diff ') == ["@", "answers", "layers", "plot"]
+    assert labels('patch mlp clean "a" corrupt "b" metric mse ') == ["@", "layers", "plot"]
+    assert labels('patch mlp clean "a" corrupt "b" metric logit_diff an') == ["answers"]
 
 
 def test_cursor_in_the_middle_of_the_text_uses_only_what_precedes_it():

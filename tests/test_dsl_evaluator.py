@@ -10,6 +10,7 @@ from rich.console import Console
 import mlxterp.interventions as iv
 from mlxterp.errors import Interrupted
 from mlxterp_repl.dsl import QueryError, Session, TraceCache
+from mlxterp_repl.dsl.results import result_from_data
 
 PROMPT = "The capital of France is"
 CLEAN = "Paris is the capital of France"
@@ -209,6 +210,66 @@ def test_patch_equals_library_activation_patching(session, model):
     assert list(result.recovery) == [0, 1, 2, 3]
     for layer in expected:
         assert math.isclose(result.recovery[layer], expected[layer], rel_tol=1e-4, abs_tol=1e-4)
+
+
+def test_patch_at_positions_equals_library_per_position_logit_diff(session, model):
+    result = run(session, f'patch mlp clean "{CLEAN}" corrupt "{CORRUPT}" @ * metric logit_diff '
+                          f'answers " Paris" " London" layers 0..2')
+    expected = model.activation_patching(CLEAN, CORRUPT, component="mlp", layers=[0, 1, 2], positions="all",
+                                         metric="logit_diff", answers=(" Paris", " London"))
+    n = len(model.encode(CLEAN))
+    assert result.positions == list(range(n))
+    assert result.tokens == model.token_strings(model.encode(CLEAN))
+    assert list(result.recovery) == [0, 1, 2]
+    for layer in expected:
+        assert list(result.recovery[layer]) == list(range(n))
+        for position, value in expected[layer].items():
+            assert math.isclose(result.recovery[layer][position], value, rel_tol=1e-4, abs_tol=1e-4)
+    assert any(abs(v) > 1 for row in expected.values() for v in row.values())  # a sweep that moved something
+
+
+def test_patch_positions_by_text_and_list_equal_the_library(session, model):
+    result = run(session, f'patch attn clean "{CLEAN}" corrupt "{CORRUPT}" @ ["London", -1] layers [3, 7]')
+    expected = model.activation_patching(CLEAN, CORRUPT, component="attn", layers=[3, 7], positions=[1, -1])
+    n = len(model.encode(CLEAN))
+    assert result.positions == [1, n - 1]
+    for layer in (3, 7):
+        assert math.isclose(result.recovery[layer][1], expected[layer][1], rel_tol=1e-4, abs_tol=1e-4)
+        assert math.isclose(result.recovery[layer][n - 1], expected[layer][n - 1], rel_tol=1e-4, abs_tol=1e-4)
+
+
+def test_patch_logit_diff_without_positions_equals_the_library(session, model):
+    result = run(session, f'patch mlp clean "{CLEAN}" corrupt "{CORRUPT}" metric logit_diff answers " Paris" " London"')
+    expected = model.activation_patching(CLEAN, CORRUPT, component="mlp", metric="logit_diff",
+                                         answers=(" Paris", " London"))
+    assert result.positions == [] and result.answers == [" Paris", " London"]
+    for layer in expected:
+        assert math.isclose(result.recovery[layer], expected[layer], rel_tol=1e-4, abs_tol=1e-4)
+
+
+def test_patch_grid_renders_tokens_and_round_trips(session):
+    result = run(session, f'patch mlp clean "{CLEAN}" corrupt "{CORRUPT}" @ 1:3 layers 0..1')
+    data = result.to_data()
+    assert "Paris/London" in data["text"] and "' is'" in data["text"]
+    assert data["recovery"].keys() == {"0", "1"} and data["recovery"]["0"].keys() == {"1", "2"}
+    again = result_from_data(data)
+    assert again.recovery == result.recovery and again.to_data() == data
+    layer, position, value = max(((l, p, v) for l, row in result.recovery.items() for p, v in row.items()),
+                                 key=lambda cell: cell[2])
+    assert result.summary(60) == f"best layer {layer} @ {position}: {value:+.1f}%"
+
+
+def test_patch_answer_of_several_tokens_is_an_error_at_that_answer(session):
+    text = f'patch mlp clean "{CLEAN}" corrupt "{CORRUPT}" metric logit_diff answers " Paris" "Paris is"'
+    error = error_of(session, text)
+    start = text.index('"Paris is"') + 1
+    assert (error.span.col, error.span.end_col) == (start, start + len('"Paris is"'))
+    assert "2 tokens" in error.message and "single token" in error.message
+
+
+def test_patch_position_not_in_either_prompt_lists_the_tokens(session):
+    error = error_of(session, f'patch mlp clean "{CLEAN}" corrupt "{CORRUPT}" @ "Berlin"')
+    assert "Berlin" in error.message and "1:Paris" in error.suggestions
 
 
 def test_patch_unknown_component_lists_components(session):

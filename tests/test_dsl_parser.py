@@ -36,6 +36,7 @@ SPEC_EXAMPLES = [
     ("predict $x top 3", ast.Predict),
     ('patch mlp clean "Paris is the capital of France" corrupt "London is the capital of France"', ast.Patch),
     ('patch mlp clean "a b" corrupt "c d" metric mse layers 0..7 plot', ast.Patch),
+    ('patch mlp clean "a b" corrupt "c d" @ * metric logit_diff answers " a" " c"', ast.Patch),
     ("with layers.4 zero: lens @ -1", ast.With),
     ("with layers.3 scale 0.5, layers.5 clamp -1 1: save output @ -1", ast.With),
     ("steer layers.5 add $v * 2.0", ast.Steer),
@@ -195,6 +196,32 @@ def test_unexpected_word_after_a_statement_lists_its_options():
 def test_patch_needs_clean_and_corrupt():
     error = error_of('patch mlp clean "a"')
     assert "corrupt" in error.message and error.suggestions == ["corrupt"]
+
+
+def test_patch_takes_positions_metric_and_answers_in_any_order():
+    node = only('patch mlp answers " Paris" " London" @ [1, "is"] clean "a" corrupt "b" metric logit_diff')
+    assert [a.value for a in node.answers] == [" Paris", " London"]
+    assert node.metric.value == "logit_diff"
+    assert isinstance(node.position, ast.PositionList) and len(node.position.items) == 2
+    assert isinstance(only('patch mlp clean "a" corrupt "b" @ *').position, ast.AllPositions)
+
+
+def test_logit_diff_without_answers_says_to_add_them():
+    error = error_of('patch mlp clean "a" corrupt "b" metric logit_diff')
+    assert 'answers' in error.message and '" Paris" " London"' in error.message
+    assert error.suggestions == ["answers"]
+    assert error.span == Span(1, 40, 1, 50)
+
+
+def test_answers_without_logit_diff_say_which_metric_they_need():
+    error = error_of('patch mlp clean "a" corrupt "b" metric mse answers "x" "y"')
+    assert "metric logit_diff" in error.message
+    assert error.span == Span(1, 52, 1, 59)
+
+
+def test_answers_need_two_strings():
+    error = error_of('patch mlp clean "a" corrupt "b" metric logit_diff answers " Paris"')
+    assert "corrupted answer" in error.message
 
 
 def test_with_runs_only_queries():

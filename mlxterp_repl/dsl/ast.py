@@ -184,7 +184,9 @@ class Patch(Statement):
     component: Path
     clean: String | None = None
     corrupt: String | None = None
+    position: Node | None = None  # None: one recovery per layer; else one per layer and position
     metric: String | None = None
+    answers: list[String] | None = None  # (clean answer, corrupted answer) for metric logit_diff
     layers: Layers | None = None
     plot: Plot | None = None
 

@@ -488,13 +488,19 @@ class Session:
             names = sorted({s.split(".", 2)[2] for s in error.suggestions if s.count(".") >= 2})
             raise QueryError(f"no component {component!r} in the layers", node.component.span,
                              names or ["mlp", "attn", "mlp.gate_proj", "self_attn.q_proj"]) from None
+        _, _, clean_tokens = self.resolve_input(node.clean, node)
+        _, _, corrupt_tokens = self.resolve_input(node.corrupt, node)
+        positions = None
+        if node.position is not None:
+            positions = list(dict.fromkeys(self.patch_positions(node.position, clean_tokens, corrupt_tokens)))
+        answers = [self.answer_id(answer) for answer in node.answers] if node.answers else None
         if run.should_stop is not None and run.should_stop():
             raise Interrupted("stopped before the patching sweep ran")
         interventions, _ = self.interventions_in_force(run)
         try:
             recovery = model.activation_patching(node.clean.value, node.corrupt.value, component=component,
-                                                 layers=layers, metric=metric, interventions=interventions,
-                                                 should_stop=run.should_stop)
+                                                 layers=layers, metric=metric, positions=positions, answers=answers,
+                                                 interventions=interventions, should_stop=run.should_stop)
         except MlxterpError as error:
             raise QueryError(str(error), node.clean.span.to(node.corrupt.span)) from None
         plot = None
@@ -503,8 +509,38 @@ class Session:
 
             save_path = str(self.output_path(ast.String(span=node.plot.span, value=node.plot.file))) if node.plot.file else None
             plot = self.plotting(lambda: plot_patching(recovery, title=f"Activation patching: {component} ({metric})",
-                                                       save_path=save_path), node.plot)
-        return self.with_notes(PatchResult(component, metric, dict(recovery), plot=plot), run)
+                                                       position_labels=clean_tokens, save_path=save_path), node.plot)
+        if positions is None:
+            result = PatchResult(component, metric, dict(recovery), plot=plot)
+        else:
+            result = PatchResult(component, metric, {layer: dict(row) for layer, row in recovery.items()}, plot=plot,
+                                 positions=positions, tokens=[clean_tokens[p] for p in positions],
+                                 corrupt_tokens=[corrupt_tokens[p] for p in positions])
+        if node.answers:
+            result.answers = [answer.value for answer in node.answers]
+        return self.with_notes(result, run)
+
+    def patch_positions(self, node, clean_tokens: list[str], corrupt_tokens: list[str]) -> list[int]:
+        """The positions of `patch ... @ POSITION`: a token text may be one of the clean or
+        of the corrupted prompt (the clean prompt is tried first)."""
+        try:
+            return self.positions(node, clean_tokens)[0]
+        except QueryError as clean_error:
+            if len(corrupt_tokens) != len(clean_tokens):
+                raise
+            try:
+                return self.positions(node, corrupt_tokens)[0]
+            except QueryError:
+                raise clean_error from None
+
+    def answer_id(self, answer: ast.String) -> int:
+        """The token id of one `answers` string, which must be a single token (BOS aside)."""
+        from mlxterp.analysis import answer_id
+
+        try:
+            return answer_id(self.model, answer.value)
+        except (MlxterpError, UnicodeError) as error:
+            raise QueryError(str(error), answer.span) from None
 
     def do_with(self, node: ast.With, run: Run):
         self.need_model(node)

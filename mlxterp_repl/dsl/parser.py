@@ -21,8 +21,9 @@ STATEMENTS = {
     "lens": ('lens [@ POSITION] [top K] [layers LAYERS] [in "TEXT"] [plot [to FILE]]', "logit lens"),
     "predict": ('predict PATH|$NAME [@ POSITION] [top K] [in "TEXT"]', "top tokens a hidden state decodes to"),
     "patch": (
-        'patch COMPONENT clean "TEXT" corrupt "TEXT" [metric NAME] [layers LAYERS] [plot [to FILE]]',
-        "activation-patching sweep over layers: recovery % per layer",
+        'patch COMPONENT clean "TEXT" corrupt "TEXT" [@ POSITION] [metric NAME] [answers "A" "B"] [layers LAYERS] '
+        '[plot [to FILE]]',
+        "activation-patching sweep over layers (and positions, with @): recovery %",
     ),
     "with": ("with INTERVENTION {, INTERVENTION}: STATEMENT", "run one query under interventions"),
     "steer": ("steer INTERVENTION {, INTERVENTION} | steer clear | steer", "interventions kept on until cleared"),
@@ -45,13 +46,13 @@ INTERVENTIONS = {
     "replace": "replace $x",
 }
 FUNCTIONS = ["mean", "norm"]
-METRICS = ["l2", "mse", "cosine"]
+METRICS = ["l2", "mse", "cosine", "logit_diff"]
 # option keyword -> what follows it, per statement
 OPTIONS = {
     "save": ["@", "in", "as"],
     "lens": ["@", "top", "layers", "in", "plot"],
     "predict": ["@", "top", "in"],
-    "patch": ["clean", "corrupt", "metric", "layers", "plot"],
+    "patch": ["clean", "corrupt", "@", "metric", "answers", "layers", "plot"],
     "stats": ["@", "in"],
     "export": ["@", "in", "to"],
 }
@@ -223,6 +224,14 @@ class Parser:
             if getattr(node, option) is None:
                 self.note("keyword", [option])
                 self.fail(f"patch needs {option} \"TEXT\"", [option])
+        logit_diff = node.metric is not None and node.metric.value == "logit_diff"
+        if logit_diff and node.answers is None:
+            self.note("keyword", ["answers"])
+            self.fail('metric logit_diff needs the two answers to compare: add answers "CLEAN" "CORRUPT", '
+                      'e.g. answers " Paris" " London"', ["answers"], node.metric)
+        if node.answers is not None and not logit_diff:
+            raise QueryError("answers go with metric logit_diff: add 'metric logit_diff'",
+                             node.answers[0].span.to(node.answers[1].span), ["metric logit_diff"])
         return node
 
     def statement_with(self, first):
@@ -285,7 +294,7 @@ class Parser:
         allowed = OPTIONS[statement]
         seen = set()
         while True:
-            left = [o for o in allowed if o not in seen]
+            left = [o for o in allowed if o not in seen and self.option_fits(node, o)]
             self.note("keyword", left)
             if self.at_line_end():
                 break
@@ -319,6 +328,16 @@ class Parser:
                 node.metric = ast.String(span=name.span, value=name.value)
             elif key == "to":
                 node.file = self.string_or_word("a file name ending in .npz or .safetensors")
+            elif key == "answers":
+                node.answers = [self.string(f'the {which} answer in double quotes, as in: answers " Paris" " London"')
+                                for which in ("clean", "corrupted")]
+
+    @staticmethod
+    def option_fits(node, option: str) -> bool:
+        """Whether `option` can still follow: `answers` only goes with metric logit_diff."""
+        if option == "answers":
+            return getattr(node, "metric", None) is None or node.metric.value == "logit_diff"
+        return True
 
     def plot(self, first):
         if self.is_word("to"):

@@ -1,10 +1,11 @@
 """Result objects: what one statement gives back.
 
 Each result is plain data plus three views of it: `render()` (a rich renderable for a
-terminal: tables, a coloured layer x position grid for `lens`, a bar chart for `patch`, a
-sparkline for saved values), `to_data()` (plain dicts, lists, numbers and strings; arrays
-as {"dtype", "shape", "data": bytes}; with "summary" and "text", the other two views as
-plain text, for clients that do not draw) and `summary(max_len)` (one line for inline
+terminal: tables, a coloured layer x position grid for `lens`, a bar chart for `patch` (with
+`@`, a layer x position grid coloured by recovery), a sparkline for saved values),
+`to_data()` (plain dicts, lists, numbers and strings; arrays as {"dtype", "shape", "data":
+bytes}; with "summary" and "text", the other two views as plain text, for clients that do
+not draw) and `summary(max_len)` (one line for inline
 display). `result_from_data(data)` rebuilds the object from its `to_data()` form, so a
 client of the daemon draws a result with the same code as the process that made it.
 """
@@ -356,30 +357,63 @@ class PredictResult(Result):
 
 @dataclass
 class PatchResult(Result):
-    """Activation patching: recovery % per layer, drawn as a bar chart."""
+    """Activation patching: recovery % per layer (a bar chart), or per layer and position
+    (a grid coloured by value, with `@`)."""
 
     component: str
     metric: str
-    recovery: dict[int, float]
+    recovery: dict  # {layer: recovery %}, or {layer: {position: recovery %}} when positions are given
     kind: str = "patch"
     plot: str | None = None
+    positions: list[int] = field(default_factory=list)  # empty: one value per layer
+    tokens: list[str] = field(default_factory=list)  # the clean prompt's token at each position
+    corrupt_tokens: list[str] = field(default_factory=list)  # the corrupted prompt's token there
+    answers: list[str] | None = None  # (clean, corrupted) for metric logit_diff
 
     def data(self):
+        if self.positions:
+            recovery = {str(layer): {str(p): float(v) for p, v in row.items()} for layer, row in self.recovery.items()}
+        else:
+            recovery = {str(k): float(v) for k, v in self.recovery.items()}
         return {
             "component": self.component,
             "metric": self.metric,
-            "recovery": {str(k): float(v) for k, v in self.recovery.items()},
+            "answers": self.answers,
+            "recovery": recovery,
+            "positions": list(self.positions),
+            "tokens": list(self.tokens),
+            "corrupt_tokens": list(self.corrupt_tokens),
             "plot": self.plot,
         }
 
     @classmethod
     def from_data(cls, kind, fields, notes):
-        recovery = {int(layer): float(value) for layer, value in fields["recovery"].items()}
-        return cls(fields["component"], fields["metric"], recovery, kind=kind, plot=fields.get("plot"), notes=notes)
+        positions = [int(p) for p in fields.get("positions") or []]
+        if positions:
+            recovery = {int(layer): {int(p): float(v) for p, v in row.items()}
+                        for layer, row in fields["recovery"].items()}
+        else:
+            recovery = {int(layer): float(value) for layer, value in fields["recovery"].items()}
+        answers = fields.get("answers")
+        return cls(fields["component"], fields["metric"], recovery, kind=kind, plot=fields.get("plot"),
+                   positions=positions, tokens=list(fields.get("tokens") or []),
+                   corrupt_tokens=list(fields.get("corrupt_tokens") or []),
+                   answers=list(answers) if answers else None, notes=notes)
+
+    def title(self, what: str) -> Text:
+        metric = self.metric
+        if self.answers:
+            metric += f" {token_label(self.answers[0])} vs {token_label(self.answers[1])}"
+        return Text(f"patching {self.component} ({metric}): recovery % {what}")
 
     def body(self):
-        title = Text(f"patching {self.component} ({self.metric}): recovery % per layer")
-        table = Table(title=title, title_justify="left")
+        table = self.grid() if self.positions else self.bars()
+        if self.plot:
+            return Group(table, Text(f"plot: {self.plot}", style="dim"))
+        return table
+
+    def bars(self):
+        table = Table(title=self.title("per layer"), title_justify="left")
         table.add_column("layer", justify="right")
         table.add_column("recovery", justify="right")
         table.add_column("")
@@ -389,16 +423,49 @@ class PatchResult(Result):
             width = int(round(abs(value) / scale * 30)) if math.isfinite(value) else 0
             bar = Text("█" * width, style="green" if value >= 0 else "red")
             table.add_row(str(layer), f"{value:+.1f}%", bar)
-        if self.plot:
-            return Group(table, Text(f"plot: {self.plot}", style="dim"))
         return table
 
+    def grid(self):
+        table = Table(title=self.title("per layer (rows) and position (columns)"), title_justify="left")
+        table.add_column("layer", justify="right", no_wrap=True)
+        for position, clean, corrupt in zip(self.positions, self.tokens, self.corrupt_tokens):
+            label = token_label(clean) if clean == corrupt else f"{token_label(clean)}/{token_label(corrupt)}"
+            table.add_column(Text(f"{position}\n{label}", no_wrap=True, overflow="ellipsis"), justify="right",
+                             max_width=14, overflow="ellipsis")
+        for layer, row in self.recovery.items():
+            cells = [Text(f"{row[p]:+.1f}", style=recovery_style(row[p])) for p in self.positions]
+            table.add_row(str(layer), *cells)
+        return table
+
+    def best(self):
+        """(layer, position or None, value) of the highest finite recovery, or None."""
+        if self.positions:
+            cells = [(layer, p, v) for layer, row in self.recovery.items() for p, v in row.items()]
+        else:
+            cells = [(layer, None, v) for layer, v in self.recovery.items()]
+        finite = [cell for cell in cells if math.isfinite(cell[2])]
+        return max(finite, key=lambda cell: cell[2]) if finite else None
+
     def short(self):
-        finite = {k: v for k, v in self.recovery.items() if math.isfinite(v)}
-        if not finite:
+        best = self.best()
+        if best is None:
             return f"patch {self.component}: no finite recovery"
-        best = max(finite, key=finite.get)
-        return f"best layer {best}: {finite[best]:+.1f}%"
+        layer, position, value = best
+        if position is None:
+            return f"best layer {layer}: {value:+.1f}%"
+        return f"best layer {layer} @ {position}: {value:+.1f}%"
+
+
+def recovery_style(value: float) -> str:
+    """A cell's colour for a recovery %: green towards +100, red towards -100, plain near 0."""
+    if not math.isfinite(value):
+        return "dim"
+    strength = min(abs(value) / 100.0, 1.0)
+    if strength < 0.1:
+        return ""
+    level = int(round(40 + 160 * strength))
+    background = f"rgb(0,{level},0)" if value > 0 else f"rgb({level},0,0)"
+    return f"bold white on {background}" if strength >= 0.5 else f"white on {background}"
 
 
 # ---- rebuilding ---------------------------------------------------------------------------
