@@ -516,7 +516,7 @@ async def execute(ls: MlxqServer, document: Document, pieces: list, code: str, l
             client = await ls.link.get()
         except DaemonUnavailable as exc:
             return {"ok": False, "status": "error", "error": f"no daemon: {exc}"}
-        request_id = client.start("exec", code=code)
+        request_id = client.start("exec", code=code, text=True)
         async for frame in client.frames(request_id):
             kind = frame.get("type")
             if kind == "progress" and token is not None:

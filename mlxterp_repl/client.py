@@ -289,11 +289,12 @@ class Client:
         return reply.value
 
     # ops
-    def exec(self, code: str, fetch: bool = True, full: bool = False, on_frame=None) -> list:
-        """Run query-language text; its results as plain data with arrays decoded.
+    def exec(self, code: str, fetch: bool = True, full: bool = False, on_frame=None, text: bool = False) -> list:
+        """Run query-language text; its results as plain data with arrays decoded
+        (``text=True`` adds each result's plain-text drawing).
 
         Raises DaemonError when a statement fails (`error.render(code)` draws it)."""
-        reply = self.request("exec", code=code, full=full, on_frame=on_frame)
+        reply = self.request("exec", code=code, full=full, on_frame=on_frame, text=text)
         results = [decode_arrays(r, self.fetch_array if fetch else None, self.arrays) for r in reply.results]
         if reply.errors:
             error = DaemonError(reply.errors[0])
@@ -455,9 +456,9 @@ class AsyncClient:
         reply.raise_for_error()
         return reply.value
 
-    async def exec(self, code: str, full: bool = False) -> Reply:
+    async def exec(self, code: str, full: bool = False, text: bool = False) -> Reply:
         """The whole reply of an exec; results as sent (big arrays as summaries)."""
-        return await self.request("exec", code=code, full=full)
+        return await self.request("exec", code=code, full=full, text=text)
 
     async def interrupt(self, request_id) -> dict:
         return await self.call("interrupt", target=request_id)
@@ -637,7 +638,7 @@ class RemoteSession:
         from mlxterp_repl.dsl.errors import QueryError, Span
 
         span = statement.span
-        reply = self.client.request("exec", code=statement.text, full=True, workdir=os.getcwd())
+        reply = self.client.request("exec", code=statement.text, full=True, text=True, workdir=os.getcwd())
         if reply.errors:
             error = DaemonError(reply.errors[0])
             if error.code == p.INTERRUPTED:

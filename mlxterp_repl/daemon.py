@@ -533,6 +533,7 @@ class Daemon:
         request_id = message["id"]
         code = require(message, "code", str)
         full = bool(message.get("full", False))
+        with_text = bool(message.get("text", False))
         workdir = message.get("workdir")
         if workdir is not None and not (isinstance(workdir, str) and os.path.isabs(workdir)):
             raise p.ProtocolError(p.BAD_REQUEST, "'workdir' must be an absolute directory path (where files "
@@ -543,7 +544,7 @@ class Daemon:
         job = Job(request_id)
         conn.jobs[request_id] = job
         self.queued += 1
-        work = self.loop.run_in_executor(self.worker, self.run_query, conn, job, code)
+        work = self.loop.run_in_executor(self.worker, self.run_query, conn, job, code, with_text)
         stopped = self.loop.create_task(job.stopped.wait())
         try:
             await asyncio.wait({work, stopped}, return_when=asyncio.FIRST_COMPLETED)
@@ -564,7 +565,7 @@ class Daemon:
             raise error
         return None
 
-    def run_query(self, conn: Connection, job: Job, code: str):
+    def run_query(self, conn: Connection, job: Job, code: str, with_text: bool = False):
         """On the worker: run `code` in the connection's session. Returns (result datas, error or None)."""
         job.started = True
         if job.stop.is_set():
@@ -585,11 +586,11 @@ class Daemon:
                                                trace_cache=self.trace_cache)
             finally:
                 self.note_model(conn)
-            return [r.to_data() for r in results], None
+            return [r.to_data(text=with_text) for r in results], None
         except Interrupted:
             return [], p.ProtocolError(p.INTERRUPTED, "interrupted")
         except QueryError as exc:
-            partial = [r.to_data() for r in getattr(exc, "results", None) or []]
+            partial = [r.to_data(text=with_text) for r in getattr(exc, "results", None) or []]
             if job.stop.is_set():
                 return partial, p.ProtocolError(p.INTERRUPTED, "interrupted")
             return partial, p.ProtocolError(p.QUERY_ERROR, exc.message, **without_message(exc.to_data()))

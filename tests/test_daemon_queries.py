@@ -118,12 +118,13 @@ def test_a_second_question_about_the_same_prompt_does_not_run_the_model_again(da
 
 
 def test_the_norm_of_a_vector_comes_back_0d_with_its_summary_and_text(client):
-    [_, norm] = client.exec('save layers.6 @ -1 in "The capital of France is" as $x\nlet $n = norm($x)')
+    [_, norm] = client.exec('save layers.6 @ -1 in "The capital of France is" as $x\nlet $n = norm($x)', text=True)
     value = only_array(norm)
     assert isinstance(value, np.ndarray) and value.shape == ()
     assert np.isclose(float(value), norm["arrays"][0]["norm"], rtol=1e-5)
     assert norm["summary"].startswith("$n () norm ")
     assert "│ norm(layers.6) │    () │" in norm["text"]
+    assert "text" not in client.exec("let $m = norm($x)")[0]  # drawn only when asked for
 
 
 def test_load_of_a_model_the_daemon_holds_reuses_it(client):

@@ -141,9 +141,12 @@ class Result:
     def data(self) -> dict:
         return {}
 
-    def to_data(self) -> dict:
-        return {"kind": self.kind, **self.data(), "notes": list(self.notes),
-                "summary": self.summary(40), "text": plain_text(self.render())}
+    def to_data(self, text: bool = True) -> dict:
+        """Plain data; ``text`` adds the plain-text drawing (most of the cost of a cached query)."""
+        data = {"kind": self.kind, **self.data(), "notes": list(self.notes), "summary": self.summary(40)}
+        if text:
+            data["text"] = plain_text(self.render())
+        return data
 
     @classmethod
     def from_data(cls, kind: str, fields: dict, notes: list[str]):
