@@ -1,23 +1,40 @@
 """Run the Python code blocks of a docs page, in order, in one namespace (as a reader would)."""
 
 import re
+import tempfile
+import traceback
 from pathlib import Path
+
+import pytest
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 BLOCK = re.compile(r"^```python\n(.*?)^```", re.S | re.M)
+# Blocks that load a model from the hub or from the reader's own disk cannot run here.
+NEEDS_THE_READERS_MODEL = ("mlx-community/", "./models/")
 
 
-def python_blocks(page: str) -> list[str]:
-    return BLOCK.findall((DOCS / page).read_text())
+def python_blocks(page: str) -> list[tuple[int, str]]:
+    """(line number, code) of each python block of ``docs/page``."""
+    text = (DOCS / page).read_text()
+    return [(text[:m.start()].count("\n") + 2, m.group(1)) for m in BLOCK.finditer(text)]
 
 
-def run_page(page: str, namespace: dict | None = None) -> dict:
-    namespace = {} if namespace is None else namespace
-    blocks = python_blocks(page)
-    assert blocks, f"{page} has no python blocks"
-    for number, code in enumerate(blocks, 1):
+def run_page(page: str, tmp_path, monkeypatch, blocks=None) -> dict:
+    """Run the page's blocks (or the numbered ``blocks``) in ``tmp_path``; plots land there too."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    namespace = {"__name__": "__docs__"}
+    found = python_blocks(page)
+    assert found, f"{page} has no python blocks"
+    chosen = found if blocks is None else [found[i] for i in blocks]
+    for line, code in chosen:
         try:
-            exec(compile(code, f"{page}[block {number}]", "exec"), namespace)
-        except Exception as exc:
-            raise AssertionError(f"{page} block {number} failed: {type(exc).__name__}: {exc}\n{code}") from exc
+            exec(compile(code, f"{page}:{line}", "exec"), namespace)
+        except Exception:
+            pytest.fail(f"the block at {page} line {line} failed:\n{code}\n{traceback.format_exc()}")
     return namespace
+
+
+def runnable_blocks(page: str) -> list[int]:
+    return [i for i, (_, code) in enumerate(python_blocks(page))
+            if not any(marker in code for marker in NEEDS_THE_READERS_MODEL)]
