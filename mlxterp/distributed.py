@@ -8,6 +8,8 @@ holds what the library builds on it:
   plain data (JSON, requests) between the processes of a group.
 * ``share()``: an activation computed by one process made available on every
   process (the owner contributes the value, the others zeros, one ``all_sum``).
+* ``agreed_stop()``: a ``should_stop`` all processes agree on (one ``all_sum`` of
+  a 0/1 flag per check), so a split forward pass is interrupted everywhere or nowhere.
 * ``tensor_group()``: the group of a model split with mlx-lm's tensor
   parallelism (``model.shard(group)``); every process holds every module.
 * ``pipeline_size()`` and ``complete_pipeline_names()``: a model split with
@@ -118,6 +120,30 @@ def share(value: mx.array | None, group) -> mx.array | None:
     out = mx.distributed.all_sum(mine, group=group)
     mx.eval(out)
     return out
+
+
+class AgreedStop:
+    """A ``should_stop`` that every process of ``group`` calls at the same points of the same work.
+
+    Each call adds up the processes' own answers (``local()``, 0 or 1; a process
+    without one says 0): all processes get True as soon as any of them says
+    stop, so they all stop at the same point or none does.
+    """
+
+    def __init__(self, local, group):
+        self.local = local
+        self.group = group
+
+    def __call__(self) -> bool:
+        flag = 1 if self.local is not None and self.local() else 0
+        return mx.distributed.all_sum(mx.array(flag), group=self.group).item() > 0
+
+
+def agreed_stop(should_stop, group):
+    """``should_stop`` made collective over ``group``; as given when ``group`` is not split or it already is."""
+    if isinstance(should_stop, AgreedStop) or not is_distributed(group):
+        return should_stop
+    return AgreedStop(should_stop, group)
 
 
 # -- pipeline-sharded models (mlx-lm's PipelineMixin) ----------------------------------

@@ -117,7 +117,12 @@ class InterpretableModel(TokenizerHelpers):
 
     # -- tracing ---------------------------------------------------------------
     def trace(self, inputs, interventions=None, capture=None, should_stop=None) -> Trace:
-        """Run one forward pass; inside the block read ``.output.save()`` of any module."""
+        """Run one forward pass; inside the block read ``.output.save()`` of any module.
+
+        On a model split across processes (mlx.launch) every process runs the same trace, and
+        with ``should_stop`` every process must pass one (``lambda: False`` where it has nothing
+        to say): they agree on stopping together (see docs/scale.md).
+        """
         return Trace(self, inputs, interventions=interventions, capture=capture, should_stop=should_stop)
 
     @property

@@ -59,11 +59,12 @@ def _replace_first(value, new):
 class Recorder:
     """Records outputs (and inputs) of named modules during one forward pass."""
 
-    def __init__(self, names_by_id, interventions, should_stop=None, eval_at=()):
+    def __init__(self, names_by_id, interventions, should_stop=None, eval_at=(), stop_at=None):
         self.names_by_id = names_by_id
         self.interventions = interventions
         self.should_stop = should_stop
         self.eval_at = set(eval_at)
+        self.stop_at = stop_at  # names where should_stop is asked (None: every recorded module)
         self.outputs: dict[str, mx.array] = {}
         self.inputs: dict[str, mx.array] = {}
 
@@ -71,7 +72,7 @@ class Recorder:
         name = self.names_by_id.get(id(module))
         if name is None:
             return original(module, *args, **kwargs)
-        if self.should_stop is not None and self.should_stop():
+        if self.should_stop is not None and (self.stop_at is None or name in self.stop_at) and self.should_stop():
             raise Interrupted(f"stopped before {name}")
         if args:
             self.inputs[name] = args[0]
@@ -95,13 +96,13 @@ def _apply(change, activation, name):
     return result
 
 
-def run_forward(model, call, modules_to_record, interventions, should_stop=None, eval_at=()):
+def run_forward(model, call, modules_to_record, interventions, should_stop=None, eval_at=(), stop_at=None):
     """Call ``call()`` with the given modules recorded; returns (output, recorder)."""
     global _active_recorder
     if _active_recorder is not None:
         raise TraceError("a forward pass is already being traced; traces cannot run inside one another's forward pass")
     names_by_id = {id(module): name for name, module in modules_to_record}
-    recorder = Recorder(names_by_id, interventions, should_stop, eval_at)
+    recorder = Recorder(names_by_id, interventions, should_stop, eval_at, stop_at)
     originals = []
     try:
         for _, module in modules_to_record:
@@ -230,18 +231,24 @@ class Trace:
             patterns = [self.capture] if isinstance(self.capture, str) else list(self.capture)
             record = {full for p in patterns for full in model.expand(p)} - {OUTPUT}
         record |= set(interventions) - {OUTPUT}
-        eval_at = []
-        if self.should_stop is not None:
+        should_stop, eval_at, stop_at, before_pass = self.should_stop, [], None, None
+        if should_stop is not None:
             eval_at = model.names.layer_names
             record |= set(eval_at)
+            if model.distributed_group is not None:
+                should_stop, stop_at = self._agreed_stop(should_stop)
+                if model.pipeline_group is not None:
+                    before_pass, should_stop, eval_at = should_stop, None, []
         ordered = [(n, m) for n, m in model.names.modules.items() if n in record]
 
         batches, self.tokens, self.padding = prepare_inputs(model, self.inputs)
         results = []
         for rows, call, extra in batches:
+            if before_pass is not None and before_pass():
+                raise Interrupted("stopped before the forward pass")
             changes = dict(interventions)
             changes.update(extra)
-            output, recorder = run_forward(model, call, ordered, changes, self.should_stop, eval_at)
+            output, recorder = run_forward(model, call, ordered, changes, should_stop, eval_at, stop_at)
             if OUTPUT in interventions:
                 output = _apply(interventions[OUTPUT], output, OUTPUT)
             if model.distributed_group is not None:
@@ -260,6 +267,19 @@ class Trace:
         self.inputs_by_module = inputs
         self._recorded_anywhere = record | {OUTPUT}
         return self
+
+    def _agreed_stop(self, should_stop):
+        """A split model: (the should_stop all processes agree on, the names where it is asked).
+
+        Every process must trace with a ``should_stop`` (each process runs the same
+        script); it stops all of them when any one says stop. Tensor parallelism runs
+        every layer on every process, so they agree at each layer boundary. A pipeline
+        stage waits for the previous stage's output inside one evaluation, where no
+        process can take part in another collective: they agree before each forward pass.
+        """
+        from . import distributed
+
+        return distributed.agreed_stop(should_stop, self.model.distributed_group), set(self.model.names.layer_names)
 
 
 # -- inputs --------------------------------------------------------------------

@@ -570,6 +570,7 @@ class Daemon:
         job.started = True
         if job.stop.is_set():
             return [], p.ProtocolError(p.INTERRUPTED, "interrupted before it started")
+        from mlxterp import distributed
         from mlxterp.errors import Interrupted, MlxterpError
         from mlxterp_repl.dsl import QueryError
 
@@ -579,9 +580,9 @@ class Daemon:
         try:
             try:
                 should_stop = job.stop.is_set
-                if self.shard:  # every process runs the query, and none may stop half-way
+                if self.shard:  # every process runs the query; they agree at each check on stopping (all or none)
                     sharded.announce({"op": "exec", "conn": conn.number, "code": code}, self.group)
-                    should_stop = None
+                    should_stop = distributed.agreed_stop(should_stop, self.group)
                 results = conn.session.execute(code, should_stop=should_stop, on_progress=on_progress,
                                                trace_cache=self.trace_cache)
             finally:

@@ -9,9 +9,11 @@ the daemon's one worker thread, so announcements keep their order); they run
 the same query in their copy of the client's session, which makes their part
 of every forward pass happen. Their results are dropped: process 0 answers.
 
-Limits, by design: a running query cannot be interrupted (a process stopping
-half-way would leave the others waiting); the trace cache is off (a hit on one
-process and a miss on another would do the same); files the query language
+A running query can be interrupted: every process runs it with the same
+collective ``should_stop`` (``mlxterp.distributed.agreed_stop``; process 0's
+answers whether the client asked to stop), so all stop at the same check or
+none does. Limits, by design: the trace cache is off (a hit on one process and
+a miss on another would leave the others waiting); files the query language
 writes (export, plots) are written by process 0 only.
 """
 
@@ -85,7 +87,7 @@ def follow(spec: str, mode: str, group) -> int:
                 session = sessions[message["conn"]] = Session(model)
                 session.workdir = Path(scratch)  # what queries write here is process 0's to write
             try:
-                for result in session.execute(message["code"]):
+                for result in session.execute(message["code"], should_stop=distributed.agreed_stop(None, group)):
                     result.to_data()
             except Exception as exc:  # noqa: BLE001 -- process 0 hits the same error and reports it
                 print(f"process {group.rank()}: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)

@@ -5,6 +5,7 @@ are in tests/distributed/. Starting a process costs ~3 s (importing mlx-lm), so
 the checks of one launch share it.
 """
 
+import contextlib
 import json
 import os
 import shutil
@@ -140,6 +141,18 @@ def test_split_model_traces_like_the_whole_model_on_every_process(sharded_report
         assert not bad, f"{mode} rank {rank} differs from the whole model: {bad}"
 
 
+@pytest.mark.parametrize("mode", ["pipeline", "tensor"])
+def test_a_stop_asked_on_one_process_stops_every_process_at_the_same_check_and_the_next_trace_works(
+        sharded_reports, mode):
+    reports = [sharded_reports[f"interrupt-{mode}-rank-{rank}"] for rank in (0, 1)]
+    # Process 0's should_stop says stop at its 4th call; process 1's never does.
+    expected = "stopped before the forward pass" if mode == "pipeline" else "stopped before model.model.layers.3"
+    for report in reports:
+        assert report["interrupted"] == expected, report
+        assert report["checks"] == 4, report  # no process went past the check where they agreed to stop
+        assert report["after_differs_by"] == 0.0, report
+
+
 # -- the daemon over a sharded model --------------------------------------------------------
 
 QUERIES = [
@@ -152,18 +165,21 @@ QUERIES = [
 ]
 
 
+def result_frames(frames: list[dict]) -> list[dict]:
+    return [f for f in frames if f["type"] == "result"]
+
+
 def first_array(result: dict):
     data = result["arrays"][0]["array"]
     return np.frombuffer(data["data"], dtype=data["dtype"]).reshape(data["shape"])
 
 
-def test_daemon_over_a_pipeline_split_model_answers_like_one_process(tmp_path):
-    from daemon_support import RawConnection, daemon_env
-    from mlxterp import InterpretableModel
+@contextlib.contextmanager
+def pipeline_split_daemon(tmp_path, model_dir):
+    """A daemon over ``model_dir`` split over 2 processes; yields (its socket path, its mlx.launch process)."""
+    from daemon_support import daemon_env
     from mlxterp_repl import paths as daemon_files
-    from mlxterp_repl.dsl import QueryError, Session
 
-    model_dir = make_model_dir(tmp_path / "model")
     runtime = tmp_path / "rt"
     files = daemon_files.daemon_paths(runtime)
     daemon_files.prepare(files)
@@ -178,23 +194,33 @@ def test_daemon_over_a_pipeline_split_model_answers_like_one_process(tmp_path):
         while not files.socket.exists():
             assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "serve.log").read_text()
             time.sleep(0.05)
-        conn = RawConnection(files.socket)
-        conn.hello()
-        answers = []
-        for code in QUERIES:
-            frames = conn.request("exec", code=code, full=True)
-            answers.append([f for f in frames if f["type"] in ("result", "error")])
-        other = RawConnection(files.socket)  # a second client has its own session, also mirrored
-        other.hello()
-        second = [f for f in other.request("exec", code='save layers.2 @ 0 in "abc"', full=True)
-                  if f["type"] == "result"]
-        assert conn.request("shutdown")[-1]["status"] == "ok"
-        assert proc.wait(30) == 0, (tmp_path / "serve.log").read_text()
+        yield files.socket, proc
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait(10)
         log.close()
+
+
+def test_daemon_over_a_pipeline_split_model_answers_like_one_process(tmp_path):
+    from daemon_support import RawConnection
+    from mlxterp import InterpretableModel
+    from mlxterp_repl.dsl import QueryError, Session
+
+    model_dir = make_model_dir(tmp_path / "model")
+    with pipeline_split_daemon(tmp_path, model_dir) as (socket_path, proc):
+        conn = RawConnection(socket_path)
+        conn.hello()
+        answers = []
+        for code in QUERIES:
+            frames = conn.request("exec", code=code, full=True)
+            answers.append([f for f in frames if f["type"] in ("result", "error")])
+        other = RawConnection(socket_path)  # a second client has its own session, also mirrored
+        other.hello()
+        second = [f for f in other.request("exec", code='save layers.2 @ 0 in "abc"', full=True)
+                  if f["type"] == "result"]
+        assert conn.request("shutdown")[-1]["status"] == "ok"
+        assert proc.wait(30) == 0, (tmp_path / "serve.log").read_text()
 
     alone = Session(InterpretableModel(str(model_dir)))
     expected = []
@@ -214,3 +240,39 @@ def test_daemon_over_a_pipeline_split_model_answers_like_one_process(tmp_path):
     assert "out of range" in expected[5]
     assert np.allclose(first_array(second[0]["result"]),
                        first_array(alone.execute('save layers.2 @ 0 in "abc"')[0].to_data()), atol=TOLERANCE)
+
+
+def test_interrupting_a_query_on_a_split_model_stops_every_process_and_the_next_query_answers_the_same(tmp_path):
+    from daemon_support import RawConnection
+
+    statement = 'save layers.3 @ -1 in "Hello world"'
+    n_statements = 5000  # minutes of forward passes if it ran to the end
+    with pipeline_split_daemon(tmp_path, make_model_dir(tmp_path / "model")) as (socket_path, proc):
+        conn = RawConnection(socket_path)
+        conn.hello()
+        before = first_array(result_frames(conn.request("exec", code=statement, full=True))[0]["result"])
+        conn.send({"op": "exec", "id": "long", "code": "\n".join([statement] * n_statements)})
+        progress = 0
+        while progress < 20:  # the query is running on both processes
+            frame = conn.receive()
+            progress += frame["id"] == "long" and frame["type"] == "progress"
+        sent = time.perf_counter()
+        conn.send({"op": "interrupt", "id": "stop-it", "target": "long"})
+        done = {}
+        while len(done) < 2:
+            frame = conn.receive()
+            progress += frame["id"] == "long" and frame["type"] == "progress"
+            if frame["type"] == "done":
+                done[frame["id"]] = frame
+                if frame["id"] == "long":
+                    latency = time.perf_counter() - sent
+        assert done["stop-it"]["value"] == {"interrupted": True}
+        assert done["long"]["status"] == "interrupted", done
+        assert latency < 2.0, latency
+        assert progress < n_statements / 2  # stopped, not run to the end
+        print(f"interrupt latency on the split daemon: {latency * 1000:.0f} ms (after {progress} statements)")
+        after = conn.request("exec", code=statement, full=True)  # both processes are still in step
+        assert after[-1]["status"] == "ok", after
+        assert np.array_equal(first_array(result_frames(after)[0]["result"]), before)
+        assert conn.request("shutdown")[-1]["status"] == "ok"
+        assert proc.wait(30) == 0, (tmp_path / "serve.log").read_text()

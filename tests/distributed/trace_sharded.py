@@ -10,6 +10,8 @@ reference), splits it, traces it again and writes
 and the names it saw. ``OUT_DIR/collect-rank-R.json`` compares
 ``batch_get_activations(..., group=group)`` (prompts split over the
 processes, results gathered in memory) with a one-process call.
+``OUT_DIR/interrupt-<mode>-rank-R.json``: where each process stopped when
+process 0 alone asked to stop, and the trace after that.
 """
 
 import importlib
@@ -64,18 +66,50 @@ def compare(reference, split):
             else f"shape {split[k].shape} != {reference[k].shape}" for k in reference}
 
 
+def split_model(base, mode, group):
+    if mode == "pipeline":
+        base.model.pipeline(group)
+    else:
+        base.shard(group)
+    mx.eval(base.parameters())
+    return InterpretableModel(base)
+
+
+def check_interrupt(mode, arch, group, out):
+    """A stop asked on process 0 only, at its 4th check: where each process stopped, then a trace after it."""
+    from mlxterp.errors import Interrupted
+
+    model = split_model(build(arch), mode, group)
+    with model.trace(PROMPTS[0]):
+        before = model.output.save()
+    checks = []
+
+    def should_stop():
+        checks.append(1)
+        return group.rank() == 0 and len(checks) >= 4
+
+    report = {"rank": group.rank(), "interrupted": None}
+    try:
+        # Pipeline: asked before each forward pass (the 4th trace stops); tensor: at each layer boundary.
+        for _ in range(6 if mode == "pipeline" else 1):
+            with model.trace(PROMPTS[0], should_stop=should_stop):
+                pass
+    except Interrupted as exc:
+        report["interrupted"] = str(exc)
+    report["checks"] = len(checks)
+    with model.trace(PROMPTS[0], should_stop=lambda: False):
+        after = model.output.save()
+    report["after_differs_by"] = float(mx.max(mx.abs(after - before)).item())
+    (out / f"interrupt-{mode}-rank-{group.rank()}.json").write_text(json.dumps(report, indent=1))
+
+
 def check_split(mode, arch, group, out):
     base = build(arch)
     whole = InterpretableModel(base)
     reference, _ = observe(whole)
     reference_names = [name for name, _ in whole.named_modules()]
     reference_info = [(m["name"], m["type"], m["params"]) for m in whole.module_info() if m["layer"] is not None]
-    if mode == "pipeline":
-        base.model.pipeline(group)
-    else:
-        base.shard(group)
-    mx.eval(base.parameters())
-    model = InterpretableModel(base)
+    model = split_model(base, mode, group)
     split, kept = observe(model)
     report = {
         "rank": group.rank(), "size": group.size(), "diffs": compare(reference, split), "kept": kept,
@@ -106,6 +140,8 @@ def main():
     check_collect(group, out)
     check_split("pipeline", "qwen2", group, out)
     check_split("tensor", "deepseek_v2", group, out)
+    check_interrupt("pipeline", "qwen2", group, out)
+    check_interrupt("tensor", "deepseek_v2", group, out)
 
 
 if __name__ == "__main__":
