@@ -99,8 +99,9 @@ class Connection:
 class Daemon:
     def __init__(self, files: daemon_files.DaemonPaths, model_spec: str = "demo", tcp: str | None = None,
                  max_frame: int = p.DEFAULT_MAX_FRAME, cache_mb: float = DEFAULT_CACHE_MB,
-                 shard: str | None = None, group=None):
+                 shard: str | None = None, group=None, idle_timeout: float | None = None):
         self.files = files
+        self.idle_timeout = idle_timeout  # seconds with no client before the daemon stops itself; None: never
         self.shard, self.group = shard, group  # a model split over mlx.launch processes (mlxterp_repl.sharded)
         self.model_spec = model_spec
         self.tcp = tcp
@@ -204,10 +205,13 @@ class Daemon:
         servers.append(unix_server)
         log(f"daemon {self.daemon_id} (pid {os.getpid()}) listening on {self.files.socket}")
         self.loop.run_in_executor(self.worker, self.load_model)
+        idle_watch = self.loop.create_task(self.stop_when_idle()) if self.idle_timeout else None
         try:
             await self.stopping.wait()
         finally:
             log("shutting down")
+            if idle_watch is not None:
+                idle_watch.cancel()
             for server in servers:
                 server.close()
             for conn in list(self.connections.values()):
@@ -306,6 +310,17 @@ class Daemon:
             info["device"] = getattr(device.type, "name", str(device.type))
             info["memory"] = mx.get_active_memory()
         return info
+
+    async def stop_when_idle(self) -> None:
+        """Stop once no client has been connected (and nothing has run) for `idle_timeout` seconds."""
+        idle_since = time.monotonic()
+        while not self.stopping.is_set():
+            await asyncio.sleep(min(1.0, self.idle_timeout / 4))
+            if self.connections or self.queued:
+                idle_since = time.monotonic()
+            elif time.monotonic() - idle_since >= self.idle_timeout:
+                log(f"no client for {self.idle_timeout:g} s (--idle-timeout): stopping")
+                self.stopping.set()
 
     # --- connections ---------------------------------------------------------
 
@@ -760,6 +775,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-frame", type=int, default=int(os.environ.get("MLXTERP_MAX_FRAME", p.DEFAULT_MAX_FRAME)),
                         help="largest request frame accepted, in bytes")
     parser.add_argument("--cache-mb", type=float, default=DEFAULT_CACHE_MB, help="memory budget of the trace cache")
+    idle = os.environ.get("MLXTERP_IDLE_TIMEOUT")
+    parser.add_argument("--idle-timeout", type=float, metavar="SECONDS", default=float(idle) if idle else None,
+                        help="stop after this many seconds with no client connected (default: never; "
+                             "also MLXTERP_IDLE_TIMEOUT)")
     parser.add_argument("--shard", choices=sharded.MODES,
                         help="split the model over the processes of mlx.launch with mlx-lm's pipeline or tensor "
                              "parallelism; process 0 serves (docs/scale.md)")
@@ -775,7 +794,8 @@ def serve_main(argv: list[str] | None = None) -> int:
             return sharded.follow(options.model, options.shard, group)
     files = daemon_files.daemon_paths(options.runtime_dir, options.socket)
     daemon = Daemon(files, model_spec=options.model, tcp=options.tcp, max_frame=options.max_frame,
-                    cache_mb=options.cache_mb, shard=options.shard, group=group)
+                    cache_mb=options.cache_mb, shard=options.shard, group=group,
+                    idle_timeout=options.idle_timeout if options.idle_timeout and options.idle_timeout > 0 else None)
     try:
         daemon.claim()
     except daemon_files.RuntimeDirError as exc:

@@ -185,3 +185,19 @@ def test_tcp_needs_the_token_from_the_0600_connection_file(tmp_path):
     finally:
         daemon.stop()
     assert not files.connection_file.exists()
+
+
+def test_idle_timeout_stops_the_daemon_only_once_no_client_is_connected(tmp_path):
+    daemon = start_daemon(tmp_path, "--idle-timeout", "1")
+    try:
+        with connect(runtime_dir=tmp_path, autostart=False) as client:
+            time.sleep(2.5)  # past the timeout, but a client is connected
+            assert client.ping()["pong"]
+        deadline = time.monotonic() + 10
+        while daemon.proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert daemon.proc.returncode == 0
+        assert "--idle-timeout" in daemon.log()
+        assert not daemon.files.socket.exists()
+    finally:
+        daemon.stop()
