@@ -76,6 +76,10 @@ class Recorder:
             raise Interrupted(f"stopped before {name}")
         if args:
             self.inputs[name] = args[0]
+        elif kwargs:  # called by keyword, e.g. GPT-J's self.attn(inputs=...): its first array
+            first = next((v for v in kwargs.values() if isinstance(v, mx.array)), None)
+            if first is not None:
+                self.inputs[name] = first
         out = original(module, *args, **kwargs)
         change = self.interventions.get(name)
         if change is not None:

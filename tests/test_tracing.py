@@ -294,3 +294,13 @@ def test_bad_model_source_says_what_is_accepted(tmp_path):
         InterpretableModel(str(tmp_path))
     with pytest.raises(MlxterpError, match="hub id"):
         InterpretableModel("./no/such/dir/here")
+
+
+def test_input_of_a_module_called_by_keyword_is_recorded():
+    from architectures import tiny_model
+
+    model = InterpretableModel(tiny_model("gptj"))  # its blocks call self.attn(inputs=...)
+    with model.trace([1, 2, 3]):
+        given = model.layers[0].attn.input.save()
+        normed = model.layers[0].ln_1.output.save()
+    assert mx.array_equal(given, normed)
