@@ -205,13 +205,12 @@ class Daemon:
         servers.append(unix_server)
         log(f"daemon {self.daemon_id} (pid {os.getpid()}) listening on {self.files.socket}")
         self.loop.run_in_executor(self.worker, self.load_model)
-        idle_watch = self.loop.create_task(self.stop_when_idle()) if self.idle_timeout else None
+        idle_watch = self.loop.create_task(self.stop_when_idle())
         try:
             await self.stopping.wait()
         finally:
             log("shutting down")
-            if idle_watch is not None:
-                idle_watch.cancel()
+            idle_watch.cancel()
             for server in servers:
                 server.close()
             for conn in list(self.connections.values()):
@@ -312,14 +311,19 @@ class Daemon:
         return info
 
     async def stop_when_idle(self) -> None:
-        """Stop once no client has been connected (and nothing has run) for `idle_timeout` seconds."""
+        """Stop once no client has been connected (and nothing has run) for `idle_timeout` seconds,
+        or as soon as the last client leaves when the model failed to load: such a daemon only
+        told its clients why, and the next client should start a fresh one."""
         idle_since = time.monotonic()
         while not self.stopping.is_set():
-            await asyncio.sleep(min(1.0, self.idle_timeout / 4))
+            await asyncio.sleep(0.25 if not self.idle_timeout else min(1.0, self.idle_timeout / 4))
+            failed = self.load_state == "failed"
+            limit = 0.0 if failed else self.idle_timeout
             if self.connections or self.queued:
                 idle_since = time.monotonic()
-            elif time.monotonic() - idle_since >= self.idle_timeout:
-                log(f"no client for {self.idle_timeout:g} s (--idle-timeout): stopping")
+            elif limit is not None and time.monotonic() - idle_since >= limit:
+                log("the model failed to load and no client is left: stopping" if failed
+                    else f"no client for {self.idle_timeout:g} s (--idle-timeout): stopping")
                 self.stopping.set()
 
     # --- connections ---------------------------------------------------------

@@ -201,3 +201,23 @@ def test_idle_timeout_stops_the_daemon_only_once_no_client_is_connected(tmp_path
         assert not daemon.files.socket.exists()
     finally:
         daemon.stop()
+
+
+def test_a_daemon_whose_model_failed_to_load_stops_when_its_last_client_leaves(tmp_path):
+    daemon = start_daemon(tmp_path, model=str(tmp_path / "no-such-model"))
+    try:
+        with connect(runtime_dir=tmp_path, autostart=False) as client:
+            deadline = time.monotonic() + 10
+            while client.hello["model"]["state"] == "loading" and time.monotonic() < deadline:
+                time.sleep(0.05)
+                client.hello = client.call("hello", protocol=p.PROTOCOL_VERSION)
+            assert client.hello["model"]["state"] == "failed"
+            assert "no-such-model" in client.hello["model"]["error"]
+            time.sleep(1.0)
+            assert client.ping()["pong"]  # still serving the client that is told why
+        deadline = time.monotonic() + 10
+        while daemon.proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert daemon.proc.returncode == 0
+    finally:
+        daemon.stop()
