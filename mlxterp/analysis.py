@@ -24,13 +24,16 @@ with ``LD = logit[clean_answer] - logit[corrupted_answer]``.
 All metrics are computed in float32, so they stay finite on a 150k vocabulary.
 """
 
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
+import os
+from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 
 from .errors import InputError, MlxterpError
-from .interventions import replace_rows
+from .interventions import combined, replace_rows
+from .results import ActivationPatching, LogitLens, TokenPredictions
 
 METRICS = ("l2", "mse", "cosine", "logit_diff")
 
@@ -62,27 +65,47 @@ def unembed(model, hidden: mx.array) -> mx.array:
     return logits
 
 
-def get_token_predictions(model, hidden, top_k: int = 10, return_scores: bool = False):
+def get_token_predictions(model, hidden, top_k: int = 10, return_scores: bool = False,
+                          labels: Optional[List[str]] = None) -> TokenPredictions:
     """Top-``top_k`` token ids predicted from a hidden state ``(hidden,)``.
 
-    With ``return_scores=True`` each item is ``(token_id, logit)``. A batch of
-    hidden states ``(n, hidden)`` gives one such list per row.
+    The result behaves as the list of token ids (with ``return_scores=True``, of
+    ``(token_id, logit)`` pairs); a batch of hidden states ``(n, hidden)`` gives one such
+    list per row. It is a ``TokenPredictions``: ``.predictions`` adds the token texts,
+    and it draws itself in a terminal or notebook. ``labels`` name the rows.
     """
     hidden = mx.array(hidden)
-    if hidden.shape[-1] != model.hidden_size:
+    if hidden.ndim == 0 or hidden.shape[-1] != model.hidden_size:
         raise InputError(
             f"get_token_predictions takes hidden states of size {model.hidden_size} "
             f"(shape ({model.hidden_size},) or (n, {model.hidden_size})); got shape {tuple(hidden.shape)}"
         )
-    top_k = _positive_int(top_k, "top_k")
     flat = hidden.reshape(-1, hidden.shape[-1])
-    ids, scores = _top_k(unembed(model, flat), top_k)
-    rows = [list(zip(i, s)) if return_scores else i for i, s in zip(ids.tolist(), scores.tolist())]
-    return rows[0] if hidden.ndim == 1 else rows
+    return top_tokens(model, unembed(model, flat), top_k, return_scores=return_scores, single=hidden.ndim == 1,
+                      labels=labels)
+
+
+def top_tokens(model, logits, top_k: int, return_scores: bool = True, single: bool = False,
+               labels: Optional[List[str]] = None) -> TokenPredictions:
+    """The ``top_k`` tokens of each row of ``logits`` ``(n, vocab)`` (already decoded, e.g. the model's output)."""
+    top_k = _positive_int(top_k, "top_k")
+    ids, scores = _top_k(mx.array(logits).reshape(-1, logits.shape[-1]), top_k)
+    ids, scores = np.array(ids).astype(np.int32), np.array(scores.astype(mx.float32))
+    return TokenPredictions(ids, scores, token_texts(model, ids), labels=labels, single=single,
+                            return_scores=return_scores)
+
+
+def token_texts(model, ids) -> Dict[int, str]:
+    """{token id: text} of the ids in ``ids`` (empty for a model without a tokenizer)."""
+    if model.tokenizer is None:
+        return {}
+    return {int(i): model.token_to_str(int(i)) for i in np.unique(np.asarray(ids))}
 
 
 def _top_k(logits: mx.array, k: int) -> Tuple[mx.array, mx.array]:
-    k = min(k, logits.shape[-1])
+    if k > logits.shape[-1]:
+        raise InputError(f"top {k} asks for more tokens than the vocabulary has ({logits.shape[-1]}); "
+                         f"give at most {logits.shape[-1]}")
     ids = mx.argpartition(-logits, kth=k - 1, axis=-1)[..., :k]
     scores = mx.take_along_axis(logits, ids, axis=-1)
     order = mx.argsort(-scores, axis=-1)
@@ -95,58 +118,91 @@ def _top_k(logits: mx.array, k: int) -> Tuple[mx.array, mx.array]:
 # -- logit lens -------------------------------------------------------------------
 
 def logit_lens(model, text, layers: Optional[Iterable[int]] = None, top_k: int = 1,
-               position: Optional[int] = None, plot: bool = False, max_display_tokens: int = 15,
-               figsize=(16, 10), cmap: str = "viridis", save_path: Optional[str] = None,
-               interventions=None, should_stop=None):
+               position: Union[None, int, Sequence[int]] = None, plot: bool = False,
+               max_display_tokens: int = 15, figsize=(16, 10), cmap: str = "viridis",
+               save_path: Optional[str] = None, interventions=None, should_stop=None,
+               hidden_states: Optional[Mapping] = None, lens: str = "logit", translators=None) -> LogitLens:
     """What each layer's output predicts as the next token, at every position of ``text``.
 
-    Returns ``{layer: [[(token_id, logit, token_str), ...] per position]}`` (``top_k``
-    items per position), or with ``position`` given ``{layer: [(token_id, logit, token_str), ...]}``.
-    ``plot=True`` also draws the heatmap (layers x last ``max_display_tokens``
-    positions) into a PNG and prints its path. ``interventions`` apply during the
-    forward pass (as in ``model.trace``); ``should_stop`` can interrupt it.
+    Returns a ``LogitLens``, which is ``{layer: [[(token_id, logit, token_str), ...] per
+    position]}`` (``top_k`` items per position); with ``position`` an integer,
+    ``{layer: [(token_id, logit, token_str), ...]}``; with ``position`` a list of
+    positions, only those (``result.positions`` says which).
+    ``plot=True`` (or a ``save_path``) also draws the heatmap (layers x last
+    ``max_display_tokens`` positions) into a PNG and prints its path. ``interventions``
+    apply during the forward pass (as in ``model.trace``); ``should_stop`` can interrupt it.
+    ``hidden_states`` (``{layer or full layer name: (1, L, hidden)}``, e.g. a trace's
+    ``activations``) are decoded instead of running the model. ``lens="tuned"`` with
+    ``translators=`` a ``mlxterp.tuned_lens.TunedLens`` decodes each layer through its
+    learned translator first (see docs/tuned-lens.md).
     """
     if not isinstance(text, str):
         raise InputError(f"logit_lens takes one prompt string, got {type(text).__name__}")
+    translators = _lens_translators(model, lens, translators)
     layers = layer_list(model, layers)
     top_k = _positive_int(top_k, "top_k")
     tokens = model.encode(text)
-    if position is not None:
-        position = _check_position(position, len(tokens))
+    single = position is not None and not isinstance(position, (list, tuple))
+    if position is None:
+        chosen = list(range(len(tokens)))
+    else:
+        chosen = [_check_position(p, len(tokens)) for p in _as_list(position)]
 
     names = [model.names.layer_names[layer] for layer in layers]
-    with model.trace(text, capture=names, interventions=interventions, should_stop=should_stop) as tr:
-        hidden = {layer: tr.save(name) for layer, name in zip(layers, names)}
-
-    strings = {}
-
-    def token_str(token_id):
-        if token_id not in strings:
-            strings[token_id] = model.token_to_str(token_id)
-        return strings[token_id]
-
-    results = {}
-    for layer in layers:
-        states = hidden[layer][0]
-        if position is not None:
-            states = states[position:position + 1]
-        ids, scores = _top_k(unembed(model, states), top_k)
-        per_position = [
-            [(token_id, score, token_str(token_id)) for token_id, score in zip(row_ids, row_scores)]
-            for row_ids, row_scores in zip(ids.tolist(), scores.tolist())
-        ]
-        results[layer] = per_position[0] if position is not None else per_position
-
-    if plot:
-        from .plots import plot_logit_lens
-
-        grid = results if position is None else {layer: [preds] for layer, preds in results.items()}
-        shown_tokens = tokens if position is None else [tokens[position]]
-        path = plot_logit_lens(grid, [model.token_to_str(t) for t in shown_tokens],
-                               max_display_tokens=max_display_tokens, figsize=figsize, cmap=cmap,
-                               save_path=save_path)
+    if hidden_states is None:
+        with model.trace(text, capture=names, interventions=interventions, should_stop=should_stop) as tr:
+            hidden_states = {name: tr.save(name) for name in names}
+    index = mx.array(chosen)
+    ids, scores = [], []
+    for layer, name in zip(layers, names):
+        states = _hidden_of(hidden_states, layer, name, len(tokens))[index]
+        logits = unembed(model, states) if translators is None else translators.logits(model, states, layer)
+        layer_ids, layer_scores = _top_k(logits, top_k)
+        ids.append(np.array(layer_ids).astype(np.int32))
+        scores.append(np.array(layer_scores))
+    ids = np.stack(ids) if ids else np.zeros((0, len(chosen), top_k), np.int32)
+    scores = np.stack(scores) if scores else np.zeros((0, len(chosen), top_k), np.float32)
+    result = LogitLens(layers, chosen, model.token_strings([tokens[p] for p in chosen]), ids, scores,
+                       token_texts(model, ids), single=single)
+    if plot or save_path is not None:
+        path = result.save_plot(save_path, max_display_tokens=max_display_tokens, figsize=figsize, cmap=cmap)
         print(f"Saved the logit lens heatmap to {path}")
-    return results
+    return result
+
+
+def _lens_translators(model, lens: str, translators):
+    """The tuned lens to decode through (``lens="tuned"``), or None for the plain logit lens."""
+    if lens == "logit":
+        if translators is not None:
+            raise InputError('translators= goes with lens="tuned"; the plain logit lens (lens="logit") has none')
+        return None
+    if lens != "tuned":
+        raise InputError(f'unknown lens {lens!r}; choose "logit" or "tuned" (with translators=)')
+    if isinstance(translators, (str, os.PathLike)):
+        from .tuned_lens import TunedLens
+
+        translators = TunedLens.load(translators)
+    if translators is None or not hasattr(translators, "logits"):
+        raise InputError('lens="tuned" needs translators=: a TunedLens (mlxterp.tuned_lens.train_tuned_lens) '
+                         "or the directory one was saved to")
+    translators.check_model(model)
+    return translators
+
+
+def _hidden_of(hidden_states: Mapping, layer: int, name: str, length: int) -> mx.array:
+    """Layer ``layer``'s output ``(L, hidden)`` from given hidden states keyed by layer or full name."""
+    states = hidden_states.get(layer, hidden_states.get(name)) if isinstance(hidden_states, Mapping) else None
+    if states is None:
+        raise InputError(f"hidden_states has no output of layer {layer} ({name})")
+    states = mx.array(states)
+    if states.ndim == 3:
+        if states.shape[0] != 1:
+            raise InputError(f"hidden_states of layer {layer} hold {states.shape[0]} rows; the logit lens decodes one prompt")
+        states = states[0]
+    if states.ndim != 2 or states.shape[0] != length:
+        raise InputError(f"hidden_states of layer {layer} have shape {tuple(states.shape)}; expected "
+                         f"(1, {length}, hidden) for the prompt's {length} tokens")
+    return states
 
 
 # -- activation patching ------------------------------------------------------------
@@ -156,7 +212,7 @@ def activation_patching(model, clean_text, corrupted_text, component: Optional[s
                         positions: Union[None, str, Sequence[int]] = None,
                         answers: Optional[Sequence] = None, batch_size: int = 32,
                         plot: bool = False, save_path: Optional[str] = None,
-                        interventions=None, should_stop=None):
+                        interventions=None, should_stop=None) -> ActivationPatching:
     """Patch each layer's ``component`` from the clean run into the corrupted run.
 
     ``component``: ``"mlp"``, ``"attn"``/``"self_attn"``, a sub-module such as
@@ -165,9 +221,10 @@ def activation_patching(model, clean_text, corrupted_text, component: Optional[s
     (distances between last-position logits) or ``"logit_diff"`` with
     ``answers=(clean_answer, corrupted_answer)`` (token ids or single-token strings).
 
-    Returns ``{layer: recovery %}``; with ``positions`` (a list of positions,
-    or ``"all"``) each position is patched on its own and the result is
-    ``{layer: {position: recovery %}}``. The clean prompt runs once; the
+    Returns an ``ActivationPatching``, which is ``{layer: recovery %}``; with ``positions``
+    (a list of positions, or ``"all"``) each position is patched on its own and the result
+    is ``{layer: {position: recovery %}}``. ``plot=True`` (or a ``save_path``) also saves a
+    bar chart (a heatmap by position) as a PNG and prints its path. The clean prompt runs once; the
     patched runs go ``batch_size`` rows per forward pass (a sweep that fits in
     one batch, clean and corrupted rows included, is a single forward pass).
     ``interventions`` (e.g. steering) apply to every run, clean and corrupted
@@ -204,7 +261,7 @@ def activation_patching(model, clean_text, corrupted_text, component: Optional[s
         # patched from row 0 of the same module (the clean run happens once, in the batch).
         batch = mx.array([clean_tokens] + [corrupted_tokens] * (len(jobs) + 1))
         patches = _row_patches(jobs, names, first_row=2, source=lambda layer: None)
-        last = _last_logits(model, batch, _combined(model, interventions, patches), should_stop)
+        last = _last_logits(model, batch, combined(interventions, patches, resolve=model.expand), should_stop)
         clean_last, corrupted_last, patched_last = last[0], last[1], last[2:]
     else:
         # The clean run, once, then batches of the corrupted prompt; row 0 of the first is unpatched.
@@ -220,29 +277,26 @@ def activation_patching(model, clean_text, corrupted_text, component: Optional[s
             batch = mx.array([corrupted_tokens] * len(chunk))
             patches = _row_patches([j for j in chunk if j is not None], names,
                                    first_row=1 if chunk[0] is None else 0, source=clean.get)
-            pieces.append(_last_logits(model, batch, _combined(model, interventions, patches), should_stop))
+            pieces.append(_last_logits(model, batch, combined(interventions, patches, resolve=model.expand), should_stop))
         last = mx.concatenate(pieces, axis=0)
         corrupted_last, patched_last = last[0], last[1:]
 
     scores = _recovery(metric, clean_last, corrupted_last, patched_last,
                        _answer_ids(model, answers) if metric == "logit_diff" else None)
-    results = {}
-    for (layer, position), value in zip(jobs, scores.tolist()):
-        if by_position:
-            results.setdefault(layer, {})[position] = value
-        else:
-            results[layer] = value
-
-    if plot:
-        from .plots import plot_patching
-
-        label = component or "layer"
-        path = plot_patching(results, title=f"Activation patching: {label} ({metric})",
-                             position_labels=([model.token_to_str(t) for t in corrupted_tokens]
-                                              if model.tokenizer is not None else None),
-                             save_path=save_path)
+    percent = np.array(scores.astype(mx.float32), dtype=np.float64)
+    if by_position:
+        percent = percent.reshape(len(layers), len(position_list))
+    texts = model.tokenizer is not None
+    result = ActivationPatching(
+        component or "layer", metric, layers, percent, positions=position_list if by_position else None,
+        tokens=model.token_strings([clean_tokens[p] for p in position_list]) if by_position and texts else [],
+        corrupt_tokens=model.token_strings([corrupted_tokens[p] for p in position_list]) if by_position and texts else [],
+        answers=[a if isinstance(a, str) else (model.token_to_str(int(a)) if texts else str(a)) for a in answers]
+        if metric == "logit_diff" else None)
+    if plot or save_path is not None:
+        path = result.save_plot(save_path)
         print(f"Saved the patching plot to {path}")
-    return results
+    return result
 
 
 def _row_patches(jobs, names, first_row: int, source) -> Dict[str, object]:
@@ -265,16 +319,6 @@ def _row_patches(jobs, names, first_row: int, source) -> Dict[str, object]:
         else:
             patches[name] = replace_rows(clean, rows, positions)
     return patches
-
-
-def _combined(model, first, then) -> Dict[str, object]:
-    """One intervention per full module name: ``first`` (the user's), then ``then`` (the patches)."""
-    merged: Dict[str, object] = {}
-    for key, change in list((first or {}).items()) + list(then.items()):
-        for full in model.expand(key):
-            previous = merged.get(full)
-            merged[full] = change if previous is None else (lambda a, f=previous, g=change: g(f(a)))
-    return merged
 
 
 def _last_logits(model, batch: mx.array, interventions, should_stop=None) -> mx.array:

@@ -17,12 +17,13 @@ switches, ...) get an error naming them rather than a pattern that might be wron
 """
 
 from dataclasses import dataclass
-from typing import Dict, Iterable, Optional, Sequence, Tuple, Union
+from typing import Iterable, Optional, Sequence, Tuple, Union
 
 import mlx.core as mx
 
 from .analysis import layer_list
 from .errors import MlxterpError
+from .results import AttentionPatterns
 
 
 @dataclass(frozen=True)
@@ -82,8 +83,9 @@ _KV_HEADS = ("n_kv_heads", "num_key_value_heads", "num_kv_heads")
 
 
 def get_attention_patterns(model, inputs, layers: Optional[Union[int, Iterable[int]]] = None
-                           ) -> Dict[int, mx.array]:
-    """Attention probabilities ``{layer: (batch, heads, query, key)}`` for ``inputs``.
+                           ) -> AttentionPatterns:
+    """Attention probabilities ``{layer: (batch, heads, query, key)}`` for ``inputs``
+    (an ``AttentionPatterns``: ``result[layer]`` is an mx.array; it draws itself).
 
     ``inputs`` is anything ``model.trace`` takes (a prompt, a list of prompts,
     token ids). ``layers`` is a layer index, a list of them, or ``None`` for all.
@@ -113,7 +115,10 @@ def get_attention_patterns(model, inputs, layers: Optional[Union[int, Iterable[i
             window=_sliding_window(model, block, attention, layer),
         )
     mx.eval(patterns)
-    return patterns
+    tokens = None
+    if isinstance(inputs, str) and model.tokenizer is not None:
+        tokens = model.token_strings(model.encode(inputs))
+    return AttentionPatterns(layers, [patterns[layer] for layer in layers], tokens=tokens)
 
 
 def saved_attention_input(model, layer: int) -> mx.array:

@@ -1,4 +1,5 @@
-"""The library's errors: each one says what was wrong and what would be valid."""
+"""The library's errors: each one says what was wrong and what would be valid (stdlib only: the
+language server and `mlxterp.core` import it without MLX)."""
 
 from __future__ import annotations
 
@@ -34,6 +35,15 @@ class LayerIndexError(MlxterpError, IndexError):
             f"layer {index} is out of range: the model has {n_layers} layers "
             f"(0..{n_layers - 1}, or -{n_layers}..-1 from the end)"
         )
+
+
+class PositionError(MlxterpError, IndexError):
+    """A position that names no token of the prompt; carries the valid positions and close tokens."""
+
+    def __init__(self, message: str, valid: list[str] | None = None, suggestions: list[str] | None = None):
+        self.valid = list(valid or [])
+        self.suggestions = list(suggestions or [])
+        super().__init__(message)
 
 
 class TraceError(MlxterpError):

@@ -16,9 +16,12 @@ factories of such functions for the common cases::
 
 ``replace_rows`` is the batched form of ``replace_with`` the patching sweep
 uses: it replaces only some rows (and optionally some positions) of a batch.
+``combined`` is the one way several sets of interventions (steering, a ``with``,
+a patching sweep's patches) become one ``{module: fn}``: on a module named more
+than once, they apply in the order given.
 """
 
-from typing import Callable, Iterable, Optional, Sequence
+from typing import Callable, Dict, Iterable, Mapping, Optional, Sequence
 
 import mlx.core as mx
 
@@ -161,15 +164,37 @@ class Compose:
         return self
 
     def build(self) -> Intervention:
-        steps = tuple(self.steps)
+        return chain(*self.steps)
 
-        def composed(activation: mx.array) -> mx.array:
-            for step in steps:
-                activation = step(activation)
-            return activation
 
-        composed.__name__ = " -> ".join(getattr(s, "__name__", "fn") for s in steps) or "identity"
-        return composed
+def chain(*steps: Intervention) -> Intervention:
+    """One intervention applying ``steps`` in order (a single step is returned as it is)."""
+    if len(steps) == 1:
+        return steps[0]
+
+    def composed(activation: mx.array) -> mx.array:
+        for step in steps:
+            activation = step(activation)
+        return activation
+
+    composed.__name__ = " -> ".join(getattr(s, "__name__", "fn") for s in steps) or "identity"
+    return composed
+
+
+def combined(*groups: Optional[Mapping[str, Intervention]], resolve=None) -> Dict[str, Intervention]:
+    """One ``{module: intervention}`` of several such mappings, applied in order.
+
+    ``resolve(key)`` (e.g. ``model.expand``) gives the full module names a key stands
+    for, so ``"layers.3"`` and ``"model.model.layers.3"`` are the same module; without it
+    keys are taken as they are. Where several interventions reach one module, the
+    earlier group's runs first and the next one sees its output.
+    """
+    steps: Dict[str, list] = {}
+    for group in groups:
+        for key, function in (group or {}).items():
+            for name in (resolve(key) if resolve is not None else [key]):
+                steps.setdefault(name, []).append(function)
+    return {name: chain(*functions) for name, functions in steps.items()}
 
 
 def compose(*steps: Intervention) -> Compose:

@@ -116,14 +116,20 @@ class InterpretableModel(TokenizerHelpers):
         return info
 
     # -- tracing ---------------------------------------------------------------
-    def trace(self, inputs, interventions=None, capture=None, should_stop=None) -> Trace:
+    def trace(self, inputs, interventions=None, capture=None, should_stop=None, keep=None) -> Trace:
         """Run one forward pass; inside the block read ``.output.save()`` of any module.
+
+        ``keep``: what ``trace.activations`` holds after the block: ``"saved"`` (what was saved
+        or read in the block), ``"all"`` (every recorded output), or ``None``: everything when
+        the outputs fit ``mlxterp.trace.keep_budget_mib`` (256 MiB unless set, or
+        ``MLXTERP_KEEP_BUDGET_MIB``), otherwise what was saved, with a one-time notice.
 
         On a model split across processes (mlx.launch) every process runs the same trace, and
         with ``should_stop`` every process must pass one (``lambda: False`` where it has nothing
         to say): they agree on stopping together (see docs/scale.md).
         """
-        return Trace(self, inputs, interventions=interventions, capture=capture, should_stop=should_stop)
+        return Trace(self, inputs, interventions=interventions, capture=capture, should_stop=should_stop,
+                     keep=keep)
 
     @property
     def output(self) -> "ValueProxy":

@@ -26,7 +26,9 @@ def _figure(figsize):
 
 def _output_path(save_path: Optional[str], stem: str) -> str:
     if save_path is not None:
-        return os.fspath(save_path)
+        path = os.fspath(save_path)
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        return path
     directory = os.path.join(tempfile.gettempdir(), "mlxterp-plots")
     os.makedirs(directory, exist_ok=True)
     handle, path = tempfile.mkstemp(prefix=f"{stem}-", suffix=".png", dir=directory)
@@ -76,8 +78,11 @@ def plot_logit_lens(results: Dict[int, List[list]], input_tokens: List[str], max
 
 
 def plot_patching(results: Dict[int, object], title: str = "Activation patching",
-                  position_labels: Optional[List[str]] = None, save_path: Optional[str] = None) -> str:
-    """Bar chart of recovery % per layer, or a layer x position heatmap for per-position results."""
+                  position_labels=None, save_path: Optional[str] = None) -> str:
+    """Bar chart of recovery % per layer, or a layer x position heatmap for per-position results.
+
+    ``position_labels``: the token text of each position (a list indexed by position, or
+    ``{position: text}``)."""
     layers = sorted(results)
     by_position = layers and isinstance(results[layers[0]], dict)
     figure = _figure((12, 6))

@@ -1,16 +1,23 @@
 """Tracing: run the model once, recording (and optionally changing) module outputs.
 
 The model's forward pass is not rewritten. For the length of one forward pass
-each recorded module's class is swapped for a subclass whose ``__call__``
-hands the call to the active ``Recorder``; afterwards the original classes are
+the class of each recorded module gets a ``__call__`` that hands the module's
+calls to the active ``Recorder``; afterwards each class's own ``__call__`` is
 put back, so the model outside a forward pass is exactly the model the user
 gave us (same tree, same parameters, same types).
 
-MLX is lazy: recording keeps references to the lazy outputs, and only what
-the user saves is evaluated when the block ends. Everything else is released.
+MLX is lazy: recording keeps references to the lazy outputs. When the block
+ends the trace keeps (and evaluates) what ``keep=`` says: what was saved, every
+recorded output, or by default every output while they fit ``keep_budget_mib``
+and only what was saved otherwise. Everything else is released. Nothing a trace
+holds points back at it, so a dropped trace is freed without the garbage collector.
 """
 
 from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping
 
 import mlx.core as mx
 import numpy as np
@@ -19,27 +26,32 @@ from .errors import InputError, Interrupted, TraceError
 from .naming import OUTPUT
 
 _active_recorder = None
-_traced_classes: dict[type, type] = {}
 
 
-def traced_class(cls: type) -> type:
-    """The subclass of ``cls`` whose calls go through the active recorder (cached)."""
-    sub = _traced_classes.get(cls)
-    if sub is None:
-        original = cls.__call__
+def recording_call(cls: type, original):
+    """The ``__call__`` that ``cls`` has while a traced forward pass runs.
 
-        def __call__(self, *args, **kwargs):
-            recorder = _active_recorder
-            if recorder is None:
-                return original(self, *args, **kwargs)
-            return recorder.call(self, original, args, kwargs)
+    It records the calls of the modules the active recorder names, made on instances
+    whose type is exactly ``cls`` (a subclass calling ``super().__call__`` is recorded
+    once, by its own class); every other call goes straight to ``original``. This runs
+    once per module per forward pass: the common path is kept inline.
+    """
 
-        sub = type(cls.__name__, (cls,), {
-            "__call__": __call__, "__module__": cls.__module__, "__qualname__": cls.__qualname__,
-        })
-        _traced_classes[cls] = sub
-        _traced_classes[sub] = sub
-    return sub
+    def __call__(self, *args, **kwargs):
+        recorder = _active_recorder
+        if recorder is None or type(self) is not cls:
+            return original(self, *args, **kwargs)
+        name = recorder.names_by_id.get(id(self))
+        if name is None:
+            return original(self, *args, **kwargs)
+        if recorder.plain and args:
+            recorder.inputs[name] = args[0]
+            out = original(self, *args, **kwargs)
+            recorder.outputs[name] = out if type(out) is mx.array else _first_array(out)
+            return out
+        return recorder.call(self, name, original, args, kwargs)
+
+    return __call__
 
 
 def _first_array(value):
@@ -67,11 +79,10 @@ class Recorder:
         self.stop_at = stop_at  # names where should_stop is asked (None: every recorded module)
         self.outputs: dict[str, mx.array] = {}
         self.inputs: dict[str, mx.array] = {}
+        # Nothing to do but record: recording_call takes its inline path.
+        self.plain = not interventions and should_stop is None and not self.eval_at
 
-    def call(self, module, original, args, kwargs):
-        name = self.names_by_id.get(id(module))
-        if name is None:
-            return original(module, *args, **kwargs)
+    def call(self, module, name, original, args, kwargs):
         if self.should_stop is not None and (self.stop_at is None or name in self.stop_at) and self.should_stop():
             raise Interrupted(f"stopped before {name}")
         if args:
@@ -101,120 +112,254 @@ def _apply(change, activation, name):
 
 
 def run_forward(model, call, modules_to_record, interventions, should_stop=None, eval_at=(), stop_at=None):
-    """Call ``call()`` with the given modules recorded; returns (output, recorder)."""
+    """Call ``call()`` with the given modules recorded; returns (output, recorder).
+
+    For the length of the call the classes of the recorded modules get a recording
+    ``__call__`` (a handful of classes, however many modules); afterwards each class is
+    exactly as it was.
+    """
     global _active_recorder
     if _active_recorder is not None:
         raise TraceError("a forward pass is already being traced; traces cannot run inside one another's forward pass")
     names_by_id = {id(module): name for name, module in modules_to_record}
     recorder = Recorder(names_by_id, interventions, should_stop, eval_at, stop_at)
-    originals = []
+    classes = {type(module) for _, module in modules_to_record}
+    # Every class's own __call__ is read before any is replaced (a subclass may inherit its parent's).
+    originals = [(cls, cls.__dict__.get("__call__"), cls.__call__) for cls in classes]
+    patched = []
     try:
-        for _, module in modules_to_record:
-            cls = type(module)
-            if _traced_classes.get(cls) is not cls:
-                originals.append((module, cls))
-                module.__class__ = traced_class(cls)
+        for cls, own, original in originals:
+            type.__setattr__(cls, "__call__", recording_call(cls, original))
+            patched.append((cls, own))
         _active_recorder = recorder
         output = call()
     finally:
         _active_recorder = None
-        for module, cls in originals:
-            module.__class__ = cls
+        for cls, own in patched:
+            if own is None:
+                type.__delattr__(cls, "__call__")
+            else:
+                type.__setattr__(cls, "__call__", own)
     model.forward_count += 1
     return output, recorder
 
 
-class Activations(dict):
-    """Module outputs keyed by full name; any name form works for lookups."""
+# -- what a trace keeps ----------------------------------------------------------
 
-    def __init__(self, trace, values):
-        super().__init__(values)
-        self._trace = trace
+KEEP_CHOICES = ("saved", "all")
+DEFAULT_KEEP_BUDGET_MIB = 256.0
+logger = logging.getLogger("mlxterp.trace")
+
+
+def _budget_from_environment() -> float:
+    text = os.environ.get("MLXTERP_KEEP_BUDGET_MIB")
+    if text is None:
+        return DEFAULT_KEEP_BUDGET_MIB
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value >= 0:
+        logger.warning("MLXTERP_KEEP_BUDGET_MIB=%r is not a number of MiB (e.g. 256); using %g",
+                       text, DEFAULT_KEEP_BUDGET_MIB)
+        return DEFAULT_KEEP_BUDGET_MIB
+    return value
+
+
+# A trace made with the default keep= keeps every recorded output when they take at most this
+# many MiB, and only what was saved otherwise. Set it here or with MLXTERP_KEEP_BUDGET_MIB.
+keep_budget_mib: float = _budget_from_environment()
+_budget_notice_given = False
+BUDGET_KNOBS = "keep='all' on model.trace, mlxterp.trace.keep_budget_mib or MLXTERP_KEEP_BUDGET_MIB"
+
+
+def held_bytes(values) -> int:
+    """Bytes of the distinct arrays among ``values`` (each array once, however many names it has)."""
+    seen = {}
+    for value in values:
+        if isinstance(value, mx.array):
+            seen[id(value)] = value.nbytes
+    return sum(seen.values())
+
+
+class _Store:
+    """One trace's recorded values and what the user saved.
+
+    The Trace and its Activations both point here; it points at neither, so a
+    dropped trace and everything it holds are freed at once (no reference cycle
+    for the garbage collector to find).
+    """
+
+    def __init__(self, model, capture, keep):
+        self.model = model
+        self.capture = capture
+        self.keep = keep
+        self.outputs: dict = {}
+        self.inputs: dict = {}
+        self.saved: set = set()
+        self.open = False
+        self.recorded_anywhere: set[str] = set()  # pipeline-sharded: names any process records
+        self.shared: set = set()
+        self.dropped: set = set()  # ("output"|"input", name) that ran but were not kept
+        self.over_budget_mib: float | None = None  # set when the default keep= dropped outputs
+
+    def read(self, name: str, what: str = "output"):
+        """The value of full name ``name``; inside the block it is also marked saved."""
+        group = self.model.pipeline_group
+        if group is not None and self.open and (what, name) not in self.shared:
+            self.share_from_owner(name, what, group)
+        if what == "input":
+            if name not in self.inputs:
+                raise TraceError(self.missing(name, "input"))
+            if self.open:
+                self.saved.add(("input", name))
+            return self.inputs[name]
+        if name not in self.outputs:
+            raise TraceError(self.missing(name, "output"))
+        if self.open:
+            self.saved.add(("output", name))
+        return self.outputs[name]
+
+    def share_from_owner(self, name, what, group):
+        """Pipeline-sharded model: the value the process owning ``name`` computed, on every process."""
+        from . import distributed
+
+        store = self.inputs if what == "input" else self.outputs
+        shared = distributed.share(store.get(name), group)
+        self.shared.add((what, name))
+        if shared is not None:
+            store[name] = shared
+
+    def missing(self, full, what="output"):
+        short = self.model.short_name(full)
+        if (what, full) in self.dropped:
+            message = (f"{short} ran in this forward pass, but its {what} was not kept after the block: "
+                       f"save it inside the block (.{what}.save()"
+                       + (" or trace.activations[...]" if what == "output" else "")
+                       + ") or trace with keep='all'")
+            if self.over_budget_mib is not None:
+                message += (f"; this trace's outputs took {self.over_budget_mib:.0f} MiB, over the keep budget of "
+                            f"{keep_budget_mib:g} MiB (mlxterp.trace.keep_budget_mib or MLXTERP_KEEP_BUDGET_MIB)")
+            return message
+        if what == "input":
+            return f"{short} received no recorded input in this trace"
+        if self.capture is not None:
+            return f"{short} was not captured in this trace; add it to capture= (now {self.capture!r})"
+        return f"{short} did not run in this forward pass, so it has no output"
+
+    def finish(self, ok: bool) -> None:
+        """The block ended: keep what ``keep`` says, evaluate it, release the rest."""
+        self.open = False
+        outputs = self.outputs
+        keep_all = ok and self.keep == "all"
+        if ok and self.keep is None:
+            total = held_bytes(outputs.values())
+            keep_all = total <= keep_budget_mib * 2**20
+            if not keep_all:
+                self.over_budget_mib = total / 2**20
+                _budget_notice(self.over_budget_mib)
+        if keep_all:
+            kept = dict(outputs)
+        else:
+            kept = {name: outputs[name] for what, name in self.saved if what == "output" and name in outputs}
+        inputs = {name: self.inputs[name] for what, name in self.saved if what == "input" and name in self.inputs}
+        self.dropped = {("output", n) for n in outputs if n not in kept}
+        self.dropped |= {("input", n) for n in self.inputs if n not in inputs}
+        self.outputs, self.inputs = kept, inputs
+        if ok and (kept or inputs):
+            mx.eval(list(kept.values()) + list(inputs.values()))
+
+
+def _budget_notice(mib: float) -> None:
+    global _budget_notice_given
+    if _budget_notice_given:
+        return
+    _budget_notice_given = True
+    logger.warning(
+        "a trace's outputs took %.0f MiB, over the keep budget of %g MiB: after the block it keeps only what was "
+        "saved in it. To keep everything use %s (this notice is shown once)", mib, keep_budget_mib, BUDGET_KNOBS)
+
+
+class Activations(Mapping):
+    """Module outputs of one trace, read-only, keyed by full name; any name form works for lookups.
+
+    Inside the block every recorded output is here, and reading one saves it. After
+    the block, what the trace kept (see ``keep=`` on ``model.trace``).
+    """
+
+    __slots__ = ("_store",)
+
+    def __init__(self, store: _Store):
+        self._store = store
 
     def __getitem__(self, name):
-        return self._trace.save(self._trace.model.resolve(name))
+        return self._store.read(self._store.model.resolve(name))
+
+    def __iter__(self):
+        return iter(list(self._store.outputs))
+
+    def __len__(self):
+        return len(self._store.outputs)
 
     def __contains__(self, name):
+        store = self._store
         try:
-            full = self._trace.model.resolve(name)
+            full = store.model.resolve(name)
         except Exception:
             return False
-        # Pipeline-sharded: a module another process ran is here once shared (see Trace.save).
-        return dict.__contains__(self, full) or (self._trace._open and full in self._trace._recorded_anywhere)
+        # Pipeline-sharded: a module another process ran is here once shared (see _Store.read).
+        return full in store.outputs or (store.open and full in store.recorded_anywhere)
 
     def get(self, name, default=None):
         return self[name] if name in self else default
+
+    def __repr__(self):
+        names = [self._store.model.short_name(n) for n in self._store.outputs]
+        shown = ", ".join(names[:6]) + (", ..." if len(names) > 6 else "")
+        return f"<Activations: {len(names)} module outputs ({shown})>"
 
 
 class Trace:
     """``with model.trace(inputs) as trace:`` — one forward pass, its activations, and what was saved."""
 
-    def __init__(self, model, inputs, interventions=None, capture=None, should_stop=None):
+    def __init__(self, model, inputs, interventions=None, capture=None, should_stop=None, keep=None):
+        if keep is not None and keep not in KEEP_CHOICES:
+            raise TraceError(f"keep= is 'saved' (what was saved in the block), 'all' (every recorded output) or "
+                             f"None (everything while it fits the keep budget, else what was saved); got {keep!r}")
         self.model = model
         self.inputs = inputs
         self.interventions = dict(interventions or {})
         self.capture = capture
         self.should_stop = should_stop
+        self.keep = keep
         self.tokens: list[list[int]] | None = None
         self.padding: list[int] = []
-        self.activations: Activations = Activations(self, {})
-        self.inputs_by_module: dict[str, mx.array] = {}
-        self._saved: set[str] = set()
+        self._store = _Store(model, capture, keep)
+        self.activations = Activations(self._store)
         self._previous = None
-        self._open = False
-        self._shared: set = set()
-        self._recorded_anywhere: set[str] = set()
+
+    @property
+    def inputs_by_module(self) -> dict:
+        """Recorded module inputs by full name (after the block: the saved ones)."""
+        return self._store.inputs
 
     # -- the block -----------------------------------------------------------
     def __enter__(self):
         self.run()
         self._previous = self.model._active_trace
         self.model._active_trace = self
-        self._open = True
+        self._store.open = True
         return self
 
     def __exit__(self, exc_type, exc, tb):
         self.model._active_trace = self._previous
-        self._open = False
-        kept = {name: dict.__getitem__(self.activations, name) for name in self._saved
-                if dict.__contains__(self.activations, name)}
-        self.activations = Activations(self, kept)
-        self.inputs_by_module = {n: a for n, a in self.inputs_by_module.items() if ("input", n) in self._saved}
-        if exc_type is None and kept:
-            mx.eval(list(kept.values()) + list(self.inputs_by_module.values()))
+        self._previous = None
+        self._store.finish(ok=exc_type is None)
         return False
 
     def save(self, name: str, what: str = "output") -> mx.array:
         """The activation of full name ``name`` (``what`` is output or input), kept after the block."""
-        group = self.model.pipeline_group
-        if group is not None and self._open and (what, name) not in self._shared:
-            self._share_from_owner(name, what, group)
-        if what == "input":
-            if name not in self.inputs_by_module:
-                raise TraceError(f"{self.model.short_name(name)} received no recorded input in this trace")
-            self._saved.add(("input", name))
-            return self.inputs_by_module[name]
-        if not dict.__contains__(self.activations, name):
-            raise TraceError(self._not_captured(name))
-        self._saved.add(name)
-        return dict.__getitem__(self.activations, name)
-
-    def _share_from_owner(self, name, what, group):
-        """Pipeline-sharded model: the value the process owning ``name`` computed, on every process."""
-        from . import distributed
-
-        store = self.inputs_by_module if what == "input" else self.activations
-        value = dict.get(store, name) if what != "input" else store.get(name)
-        shared = distributed.share(value, group)
-        self._shared.add((what, name))
-        if shared is not None:
-            dict.__setitem__(store, name, shared)
-
-    def _not_captured(self, full):
-        short = self.model.short_name(full)
-        if self.capture is not None:
-            return f"{short} was not captured in this trace; add it to capture= (now {self.capture!r})"
-        return f"{short} did not run in this forward pass, so it has no output"
+        return self._store.read(name, what)
 
     # -- running ---------------------------------------------------------------
     def run(self):
@@ -260,16 +405,16 @@ class Trace:
                 # process; what is computed from the trace afterwards is local. Saves of a pipeline-sharded
                 # model then share each value from the process that owns it.
                 mx.eval(output, recorder.outputs)
-            outputs = dict(recorder.outputs)
+            outputs = recorder.outputs
             outputs[OUTPUT] = output
             results.append((rows, outputs, recorder.inputs))
         outputs, inputs = merge_groups(results, self.padding)
         if self.capture is not None:
             keep = record | {OUTPUT}
             outputs = {n: a for n, a in outputs.items() if n in keep}
-        self.activations = Activations(self, outputs)
-        self.inputs_by_module = inputs
-        self._recorded_anywhere = record | {OUTPUT}
+        store = self._store
+        store.outputs, store.inputs = outputs, inputs
+        store.recorded_anywhere = record | {OUTPUT}
         return self
 
     def _agreed_stop(self, should_stop):

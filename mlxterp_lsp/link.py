@@ -1,8 +1,9 @@
 """The language server's connection to the daemon, and what it caches from it.
 
 One `AsyncClient` connection, opened on first need (starting the daemon when none runs,
-unless `autostart` is off) and opened again after the daemon dies. The module tree, the
-token strings of prompts and which module names resolve are cached here; the caches are
+unless `autostart` is off) and opened again after the daemon dies. The module tree with its
+name table (the checks resolve names locally with `mlxterp.core`'s resolver) and the token
+strings of prompts are cached here; the caches are
 dropped when the daemon or its model changes (`generation` goes up and `on_change` is
 called, so open documents are checked again).
 
@@ -14,6 +15,8 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass
+
+from mlxterp.core.paths import NameTable
 
 
 log = logging.getLogger(__name__)
@@ -71,9 +74,9 @@ class DaemonLink:
         self.last_error: str | None = None
         self.modules: list[dict] = []
         self.modules_by_name: dict[str, dict] = {}
+        self.table: NameTable | None = None
         self.n_layers: int | None = None
         self.tokens: dict[str, list[str]] = {}  # prompt text -> token strings
-        self.resolved: dict[str, bool] = {}  # module name -> whether the model's resolver accepts it
         self.pending: dict[tuple, asyncio.Task] = {}
 
     @property
@@ -118,8 +121,8 @@ class DaemonLink:
         """Drop everything cached about the model; open documents get checked again."""
         self.generation += 1
         self.modules, self.modules_by_name, self.n_layers = [], {}, None
+        self.table = None
         self.tokens.clear()
-        self.resolved.clear()
         if self.on_change is not None:
             self.on_change()
 
@@ -155,7 +158,14 @@ class DaemonLink:
             self.modules = list(value.get("modules") or [])
             self.modules_by_name = {m.get("name"): m for m in self.modules}
             self.n_layers = value.get("n_layers")
+            self.table = NameTable.from_data(value["table"]) if value.get("table") else None
         return self.modules
+
+    async def load_table(self) -> NameTable | None:
+        """The model's name table (`mlxterp.core.paths`), to resolve names here with the library's
+        own resolver; None from a daemon that does not send one."""
+        await self.load_modules()
+        return self.table
 
     async def prompt_tokens(self, text: str) -> list[str]:
         """Token strings of `text` as the model's tokenizer cuts it (cached)."""
@@ -165,15 +175,6 @@ class DaemonLink:
         strings = list(value.get("strings") or [])
         self.tokens[text] = strings
         return strings
-
-    async def resolves(self, name: str) -> bool:
-        """Whether the model's own resolver accepts a single module name (asked via `hover`)."""
-        if name in self.resolved:
-            return self.resolved[name]
-        value = await self.call("hover", code=name, offset=0)
-        ok = isinstance(value, dict) and bool(value.get("module"))
-        self.resolved[name] = ok
-        return ok
 
     async def hover(self, code: str, offset: int):
         return await self.call("hover", code=code, offset=offset)

@@ -22,11 +22,13 @@ from pygls.lsp.server import LanguageServer
 from pygls.protocol import LanguageServerProtocol
 
 from mlxterp_repl.dsl import ast
+from mlxterp.core.paths import is_layer_segment, split_path
 from mlxterp_repl.dsl.complete import CompletionContext, complete
-from mlxterp_repl.dsl.parser import STATEMENTS
+from mlxterp_repl.dsl.errors import QueryError
+from mlxterp.core.statements import OPTIONS, STATEMENTS
 
 from mlxterp_lsp import __version__
-from mlxterp_lsp.checks import Finding, all_findings, input_of, module_paths, parse_findings, selected_positions, variable_findings
+from mlxterp_lsp.checks import Finding, all_findings, input_of, inputs_of, module_paths, parse_findings, positions_for, variable_findings
 from mlxterp_lsp.documents import Document, from_client, lex_chunk, to_client, walk
 from mlxterp_lsp.inline import InlineResult, apply_edit, full_text, recheck, summary_text
 from mlxterp_lsp.link import DaemonLink, DaemonUnavailable, Settings
@@ -303,7 +305,7 @@ async def completion(ls: MlxqServer, params: types.CompletionParams):
                     tokens = await asyncio.wait_for(ls.link.prompt_tokens(text), 0.5)
                 except Exception:  # noqa: BLE001 -- no tokens: complete without them
                     tokens = []
-    context = CompletionContext(modules=ls.link.modules, n_layers=ls.link.n_layers,
+    context = CompletionContext(modules=ls.link.modules, n_layers=ls.link.n_layers, table=ls.link.table,
                                 variables=document.variables_before(chunk.line0), prompt_tokens=tokens or [])
     items = []
     for item in complete(chunk.text, offset, context):
@@ -333,7 +335,7 @@ def completion_detail(ls: MlxqServer, item, before: str) -> str:
     typed = before.split()[-1] if before.split() else ""
     prefix = typed if typed.endswith(".") else ""
     name = prefix + item.label
-    parts = [("0" if p == "*" or ".." in p or p.startswith("[") else p) for p in name.split(".")]
+    parts = [p if p.isdigit() or not is_layer_segment(p) else "0" for p in split_path(name)]  # a pattern: layer 0
     info = ls.link.modules_by_name.get(".".join(parts)) or ls.link.modules_by_name.get(name)
     if info is None:
         return item.detail or "module"
@@ -391,8 +393,7 @@ async def describe_node(ls: MlxqServer, document: Document, located, node, token
     starts_statement = isinstance(node, ast.Statement) and (node.span.line, node.span.col) == (
         token.span.line, token.span.col)
     if token.kind == "NAME" and token.value in STATEMENTS and starts_statement:  # the statement's keyword
-        syntax, what = STATEMENTS[token.value]
-        return [f"```mlxq\n{syntax}\n```\n{what}"]
+        return [statement_hover(token.value)]
     if isinstance(node, ast.Path):
         prefixed = next((prefix + node.text for path, prefix in module_paths(statement) if path is node), node.text)
         answer = await ask_daemon(ls, ls.link.hover(prefixed, 0))
@@ -415,24 +416,35 @@ async def describe_node(ls: MlxqServer, document: Document, located, node, token
     if isinstance(node, POSITION_NODES):
         owner = next((s for s in walk(statement) if getattr(s, "position", None) is not None
                       and any(n is node for n in walk(s.position))), None)
-        text, _where = input_of(document, located, owner) if owner is not None else (None, None)
-        if text is None:
+        inputs = inputs_of(document, located, owner) if owner is not None else []
+        if not inputs:
             return ["position (no prompt above: set one with `prompt \"...\"`)"]
-        strings = ls.link.tokens.get(text) or await ask_daemon(ls, ls.link.prompt_tokens(text))
-        if strings is None:
-            return [f"position in {text!r} (the tokens come from the daemon, which is not ready yet)"]
-        chosen = selected_positions(node, strings)
-        if not chosen:
-            return [f"selects no token of {text!r}"]
+        token_lists = []
+        for text, _where in inputs:
+            strings = ls.link.tokens.get(text) or await ask_daemon(ls, ls.link.prompt_tokens(text))
+            if strings is None:
+                return [f"position in {text!r} (the tokens come from the daemon, which is not ready yet)"]
+            token_lists.append(strings)
+        text, strings = inputs[0][0], token_lists[0]
+        try:  # the evaluator's own selection rule, so hover shows what running it selects
+            chosen = positions_for(owner, node, token_lists)
+        except QueryError as error:
+            return [f"selects no token of {text!r}: {error.message}"]
         rows = [f"- {i}: `{strings[i]!r}`" for i in chosen[:20]]
         more = f"\n- ... {len(chosen) - 20} more" if len(chosen) > 20 else ""
         return [f"selects {len(chosen)} of {len(strings)} tokens:\n" + "\n".join(rows) + more]
     if isinstance(statement, ast.Statement):
         name = type(statement).__name__.lower()
         if name in STATEMENTS and node is statement:
-            syntax, what = STATEMENTS[name]
-            return [f"```mlxq\n{syntax}\n```\n{what}"]
+            return [statement_hover(name)]
     return []
+
+
+def statement_hover(name: str) -> str:
+    """Markdown for a statement's keyword, from the statement table: syntax, summary, options."""
+    spec = STATEMENTS[name]
+    options = "".join(f"\n- `{OPTIONS[k].syntax()}`: {OPTIONS[k].description}" for k in spec.options)
+    return f"```mlxq\n{spec.syntax}\n```\n{spec.summary}" + (f"\n{options}" if options else "")
 
 
 # --- running queries ---------------------------------------------------------------------

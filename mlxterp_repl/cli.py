@@ -21,8 +21,8 @@ from mlxterp_repl import blas
 COMMANDS = [
     ("run", "run a .mlxq script and print its results", "mlxterp_repl.runner:main"),
     ("serve", "start the daemon that holds a model in memory", "mlxterp_repl.daemon:serve_main"),
-    ("status", "show whether the daemon runs, its model and clients", "mlxterp_repl.client:status_main"),
-    ("stop", "stop the daemon", "mlxterp_repl.client:stop_main"),
+    ("status", "show whether the daemon runs, its model and clients", "mlxterp_repl.commands:status_main"),
+    ("stop", "stop the daemon", "mlxterp_repl.commands:stop_main"),
     ("repl", "interactive prompt connected to the daemon", "mlxterp_repl.repl:main"),
     ("lsp", "language server for editors (stdio)", "mlxterp_lsp.server:main"),
     ("collect", "save activations of many prompts to files", "mlxterp_repl.collect:main"),

@@ -76,21 +76,16 @@ def read_prompts(path: Path) -> list:
 
 def parse_layers(model, text: str) -> list:
     """``3,8,-1,0..5,layers.5.mlp,layers.*.attn`` -> layer indices and module names."""
+    from mlxterp.core.paths import parse_layers as layer_selection
     from mlxterp.errors import InputError
 
     layers: list = []
     for part in (p.strip() for p in text.split(",")):
         if not part:
             continue
-        if part.lstrip("-").isdigit():
-            layers.append(int(part))
-        elif ".." in part and "." not in part.replace("..", ""):
-            lo, hi = part.split("..")
-            try:
-                lo, hi = int(lo) % model.n_layers, int(hi) % model.n_layers
-            except ValueError:
-                raise InputError(f"bad layer range {part!r}; write low..high, e.g. 0..5") from None
-            layers.extend(range(lo, hi + 1))
+        selection = layer_selection(part)  # 3, -1, 0..5, 7..0: mlxterp.core's layer rule
+        if selection is not None and selection.kind in ("index", "range"):
+            layers.extend(selection.indices(model.n_layers))
         else:
             layers.extend(model.short_name(full) for full in model.expand(part))
     if not layers:

@@ -2,8 +2,8 @@
 
 An asyncio event loop serves connections (Unix socket, and TCP when asked). All MLX work
 -- loading the model, running queries -- happens on ONE worker thread, so the model is
-never touched by two requests at once. Quick ops (hello, ping, interrupt, stats, fetch,
-complete, hover, modules, tokens) are answered on the loop, never queued behind a
+never touched by two requests at once. Which op runs where is declared with its handler
+in ops.py (`runs_on`): quick ops are answered on the loop, never queued behind a
 running query. Each connection has its own query-language Session; the trace cache is
 shared by all of them.
 
@@ -16,11 +16,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import fcntl
-import hmac
 import itertools
 import json
 import os
-import re
 import secrets
 import signal
 import socket
@@ -35,9 +33,9 @@ import weakref
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from mlxterp_repl import ops, sharded
 from mlxterp_repl import paths as daemon_files
 from mlxterp_repl import protocol as p
-from mlxterp_repl import sharded
 
 DEFAULT_CACHE_MB = 512
 BLOB_BUDGET = 256 * 1024 * 1024  # bytes of fetchable big arrays kept per connection
@@ -156,7 +154,7 @@ class Daemon:
         info = {"pid": os.getpid(), "socket": str(self.files.socket), "daemon_id": self.daemon_id,
                 "model": self.model_spec, "started": self.started}
         if self.tcp_address:
-            info["tcp"] = f"{self.tcp_address[0]}:{self.tcp_address[1]}"
+            info["tcp"] = p.format_host_port(*self.tcp_address)
         os.ftruncate(self.pid_fd, 0)
         os.pwrite(self.pid_fd, json.dumps(info).encode(), 0)
 
@@ -184,14 +182,14 @@ class Daemon:
         # TCP first: once the Unix socket answers, everything (connection file included) is ready.
         servers = []
         if self.tcp:
-            host, port = parse_host_port(self.tcp)
+            host, port = p.parse_host_port(self.tcp)
             tcp_server = await asyncio.start_server(lambda r, w: self.handle(r, w, is_tcp=True), host, port)
             self.tcp_address = tcp_server.sockets[0].getsockname()[:2]
             daemon_files.write_private(self.files.connection_file, json.dumps(
                 {"host": self.tcp_address[0], "port": self.tcp_address[1], "token": self.token,
                  "pid": os.getpid(), "daemon_id": self.daemon_id}))
             servers.append(tcp_server)
-            log(f"TCP on {self.tcp_address[0]}:{self.tcp_address[1]}; token in {self.files.connection_file}")
+            log(f"TCP on {p.format_host_port(*self.tcp_address)}; token in {self.files.connection_file}")
             if host not in ("127.0.0.1", "::1", "localhost"):
                 log(f"warning: {host} is not loopback; anyone who reaches it with the token can run queries")
         self.write_pid_file()
@@ -375,7 +373,7 @@ class Daemon:
         if not isinstance(op, str):
             self.fail(conn, request_id, p.BAD_REQUEST, f"'op' must be a string naming one of: {', '.join(p.OPS)}")
             return
-        if op not in p.OPS:
+        if op not in ops.HANDLERS:
             self.fail(conn, request_id, p.UNKNOWN_OP, f"unknown op {op!r}; valid ops: {', '.join(p.OPS)}",
                       valid=list(p.OPS))
             return
@@ -388,40 +386,87 @@ class Daemon:
         if request_id in conn.pending:
             self.fail(conn, request_id, p.BAD_REQUEST, f"request id {request_id!r} is already in use")
             return
+        entry = ops.HANDLERS[op]
+        if entry.check is not None:
+            checked = self.outcome(entry.check, message)
+            if checked[0] == "error":
+                self.finish(conn, request_id, checked)
+                return
         conn.pending.add(request_id)
-        handler = getattr(self, f"op_{op}")
-        if not asyncio.iscoroutinefunction(handler):
+        if entry.runs_on == "loop" and not entry.needs_session:
             # Answered right here on the loop: no task, no queue.
-            self.finish(conn, request_id, self.run_sync(handler, conn, message))
+            self.finish(conn, request_id, self.outcome(entry.handler, self, conn, message))
         else:
-            self.loop.create_task(self.run_async(handler, conn, message))
+            self.loop.create_task(self.run_later(entry, conn, message))
 
-    def fail(self, conn, request_id, code, message, **extra) -> None:
-        conn.send(p.error_reply(request_id, code, message, **extra))
-        conn.send(p.done_reply(request_id, "error"))
-
-    def run_sync(self, handler, conn, message):
+    async def run_later(self, entry: ops.Op, conn: Connection, message: dict) -> None:
+        """An op that waits for the session (the model) first, or runs on the worker."""
         try:
-            return ("ok", handler(conn, message))
+            await self.need_session(conn, message["id"])
+        except p.ProtocolError as exc:
+            outcome = ("error", exc)
+        else:
+            if entry.runs_on == "worker":
+                outcome = await self.on_worker(entry, conn, message)
+            else:
+                outcome = self.outcome(entry.handler, self, conn, message)
+        self.finish(conn, message["id"], outcome)
+        try:
+            await conn.writer.drain()
+        except Exception:
+            pass
+
+    async def on_worker(self, entry: ops.Op, conn: Connection, message: dict):
+        """Queue the op on the model worker as an interruptible job; a job interrupted while
+        still queued is answered at once (the worker skips it when its turn comes)."""
+        request_id = message["id"]
+        job = Job(request_id)
+        conn.jobs[request_id] = job
+        self.queued += 1
+
+        def run():
+            job.started = True
+            if job.stop.is_set():
+                return ("error", p.ProtocolError(p.INTERRUPTED, "interrupted before it started"))
+            return self.outcome(entry.handler, self, conn, message, job)
+
+        work = self.loop.run_in_executor(self.worker, run)
+        stopped = self.loop.create_task(job.stopped.wait())
+        try:
+            await asyncio.wait({work, stopped}, return_when=asyncio.FIRST_COMPLETED)
+            if not work.done() and not job.started:
+                work.add_done_callback(lambda _: None)
+                return ("error", p.ProtocolError(p.INTERRUPTED, "interrupted before it started"))
+            return await work
+        finally:
+            stopped.cancel()
+            self.queued -= 1
+            conn.jobs.pop(request_id, None)
+
+    def outcome(self, handler, *args):
+        """("ok", value) or ("error", ProtocolError) of one handler call; a bug is logged and
+        answered as `internal`, never taking the daemon down."""
+        try:
+            return ("ok", handler(*args))
         except p.ProtocolError as exc:
             return ("error", exc)
         except Exception as exc:  # noqa: BLE001
             log(traceback.format_exc())
             return ("error", p.ProtocolError(p.INTERNAL, f"{type(exc).__name__}: {exc}"))
 
-    async def run_async(self, handler, conn, message):
-        try:
-            outcome = ("ok", await handler(conn, message))
-        except p.ProtocolError as exc:
-            outcome = ("error", exc)
-        except Exception as exc:  # noqa: BLE001
-            log(traceback.format_exc())
-            outcome = ("error", p.ProtocolError(p.INTERNAL, f"{type(exc).__name__}: {exc}"))
-        self.finish(conn, message["id"], outcome)
-        try:
-            await conn.writer.drain()
-        except Exception:
-            pass
+    def send_threadsafe(self, conn: Connection, message: dict) -> None:
+        """Send a reply from the worker thread (in order with the replies the loop sends)."""
+        self.loop.call_soon_threadsafe(conn.send, message)
+
+    def stop_soon(self) -> None:
+        async def later():
+            await asyncio.sleep(0.05)  # let the done reply leave first
+            self.stopping.set()
+        self.loop.create_task(later())
+
+    def fail(self, conn, request_id, code, message, **extra) -> None:
+        conn.send(p.error_reply(request_id, code, message, **extra))
+        conn.send(p.done_reply(request_id, "error"))
 
     def finish(self, conn, request_id, outcome) -> None:
         conn.pending.discard(request_id)
@@ -434,191 +479,6 @@ class Daemon:
         if conn.close_after:
             conn.closed = True
             conn.writer.close()
-
-    # --- ops -------------------------------------------------------------------
-
-    def op_hello(self, conn: Connection, message: dict) -> dict:
-        version = message.get("protocol", p.PROTOCOL_VERSION)
-        if conn.is_tcp:
-            token = message.get("token")
-            if not isinstance(token, str) or not hmac.compare_digest(token.encode(), self.token.encode()):
-                conn.close_after = True
-                raise p.ProtocolError(p.BAD_TOKEN, "a TCP client must send the token from the connection file "
-                                                   f"({self.files.connection_file}) in 'hello'")
-        if version != p.PROTOCOL_VERSION:
-            raise p.ProtocolError(p.VERSION_MISMATCH, f"this daemon speaks protocol {p.PROTOCOL_VERSION}, "
-                                                      f"the client asked for {version!r}",
-                                  protocol=p.PROTOCOL_VERSION)
-        workdir = message.get("workdir")
-        if isinstance(workdir, str) and os.path.isabs(workdir):
-            conn.workdir = Path(workdir)
-        conn.greeted = True
-        return {
-            "protocol": p.PROTOCOL_VERSION, "ops": list(p.OPS), "daemon_id": self.daemon_id, "pid": os.getpid(),
-            "session": conn.number, "model": self.model_summary(),
-            "limits": {"max_frame": self.max_frame, "inline_array": p.INLINE_ARRAY_LIMIT, "fetch_chunk": p.FETCH_CHUNK},
-        }
-
-    def op_ping(self, conn, message) -> dict:
-        return {"pong": True, "time": time.time()}
-
-    def op_stats(self, conn, message) -> dict:
-        stats = {
-            "daemon_id": self.daemon_id, "pid": os.getpid(), "uptime": time.time() - self.started,
-            "socket": str(self.files.socket), "connections": len(self.connections),
-            "sessions": sum(1 for c in self.connections.values() if c.session is not None),
-            "queued": self.queued, "model": self.model_summary(),
-        }
-        if self.tcp_address:
-            stats["tcp"] = f"{self.tcp_address[0]}:{self.tcp_address[1]}"
-        if self.model is not None:
-            stats["forward_count"] = int(getattr(self.model, "forward_count", 0))
-        if self.trace_cache is not None:
-            stats["cache"] = self.trace_cache.report(shapes=False)  # (shapes: on the loop, while the worker writes)
-        return stats
-
-    def op_interrupt(self, conn, message) -> dict:
-        target = message.get("target")
-        if not isinstance(target, (str, int)) or isinstance(target, bool):
-            raise p.ProtocolError(p.BAD_REQUEST, "'target' must be the id (string or integer) of a request to stop")
-        job = conn.jobs.get(target)
-        if job is None:
-            return {"interrupted": False, "reason": f"no running request with id {target!r} on this connection"}
-        job.interrupt()
-        return {"interrupted": True}
-
-    def op_fetch(self, conn, message) -> dict:
-        handle = require(message, "handle", str)
-        offset = message.get("offset", 0)
-        size = message.get("size", p.FETCH_CHUNK)
-        if not isinstance(offset, int) or not isinstance(size, int) or offset < 0 or size <= 0:
-            raise p.ProtocolError(p.BAD_REQUEST, "'offset' must be an integer >= 0 and 'size' an integer > 0")
-        blob = conn.blobs.get(handle)
-        if blob is None:
-            raise p.ProtocolError(p.NOT_FOUND, f"no array with handle {handle!r} (handles live as long as "
-                                               "their connection, and old ones are dropped past the budget)")
-        size = min(size, p.FETCH_CHUNK * 8, self.max_frame)
-        return {"data": blob[offset:offset + size], "offset": offset, "total": len(blob)}
-
-    def op_shutdown(self, conn, message):
-        async def later():
-            await asyncio.sleep(0.05)  # let the done reply leave first
-            self.stopping.set()
-        self.loop.create_task(later())
-        return {"stopping": True}
-
-    async def op_modules(self, conn, message) -> dict:
-        model = (await self.need_session(conn, message["id"])).model
-        shapes = conn.output_shapes
-        modules = []
-        for info in self.module_infos.get(id(model), []):
-            entry = dict(info)
-            if info.get("full_name") in shapes:
-                entry["shape"] = shapes[info["full_name"]]
-            modules.append(entry)
-        return {"modules": modules, "n_layers": model.n_layers, "hidden_size": model.hidden_size}
-
-    async def op_tokens(self, conn, message) -> dict:
-        text = message.get("text")
-        if text is not None and not isinstance(text, str):
-            raise p.ProtocolError(p.BAD_REQUEST, "'text' must be a string (or absent for the session's prompt)",
-                                  field="text")
-        session = await self.need_session(conn, message["id"])
-        model = session.model
-        if text is None:
-            text = session.prompt
-            if text is None:
-                return {"text": None, "ids": [], "strings": []}
-        if model.tokenizer is None:
-            raise p.ProtocolError(p.BAD_REQUEST, "this model has no tokenizer")
-        ids = model.encode(text)
-        return {"text": text, "ids": list(ids), "strings": model.token_strings(ids)}
-
-    async def op_complete(self, conn, message) -> dict:
-        code, offset = code_and_offset(message)
-        session = await self.need_session(conn, message["id"])
-        from mlxterp_repl.dsl import complete
-
-        items = complete(code, offset, self.completion_context(session))
-        return {"items": [{"label": c.label, "kind": c.kind, "detail": c.detail, "insert_text": c.insert_text,
-                           "start": c.start} for c in items]}
-
-    async def op_hover(self, conn, message):
-        code, offset = code_and_offset(message)
-        session = await self.need_session(conn, message["id"])
-        return hover_text(code, offset, self.module_infos.get(id(session.model), []), conn.output_shapes, session)
-
-    async def op_exec(self, conn, message) -> None:
-        request_id = message["id"]
-        code = require(message, "code", str)
-        full = bool(message.get("full", False))
-        with_text = bool(message.get("text", False))
-        workdir = message.get("workdir")
-        if workdir is not None and not (isinstance(workdir, str) and os.path.isabs(workdir)):
-            raise p.ProtocolError(p.BAD_REQUEST, "'workdir' must be an absolute directory path (where files "
-                                                 "the query writes go)", field="workdir")
-        session = await self.need_session(conn, request_id)
-        if workdir is not None:
-            session.workdir = Path(workdir)
-        job = Job(request_id)
-        conn.jobs[request_id] = job
-        self.queued += 1
-        work = self.loop.run_in_executor(self.worker, self.run_query, conn, job, code, with_text)
-        stopped = self.loop.create_task(job.stopped.wait())
-        try:
-            await asyncio.wait({work, stopped}, return_when=asyncio.FIRST_COMPLETED)
-            if not work.done() and not job.started:
-                # Still queued: answer now; the worker skips it when its turn comes.
-                work.add_done_callback(lambda _: None)
-                outcome = [], p.ProtocolError(p.INTERRUPTED, "interrupted before it started")
-            else:
-                outcome = await work
-        finally:
-            stopped.cancel()
-            self.queued -= 1
-            conn.jobs.pop(request_id, None)
-        results, error = outcome
-        for index, data in enumerate(results):
-            conn.send(p.reply(request_id, p.RESULT, index=index, result=self.shrink(conn, data, full)))
-        if error is not None:
-            raise error
-        return None
-
-    def run_query(self, conn: Connection, job: Job, code: str, with_text: bool = False):
-        """On the worker: run `code` in the connection's session. Returns (result datas, error or None)."""
-        job.started = True
-        if job.stop.is_set():
-            return [], p.ProtocolError(p.INTERRUPTED, "interrupted before it started")
-        from mlxterp import distributed
-        from mlxterp.errors import Interrupted, MlxterpError
-        from mlxterp_repl.dsl import QueryError
-
-        def on_progress(*args, **kwargs):
-            self.loop.call_soon_threadsafe(conn.send, p.reply(job.request_id, p.PROGRESS, **progress_fields(args, kwargs)))
-
-        try:
-            try:
-                should_stop = job.stop.is_set
-                if self.shard:  # every process runs the query; they agree at each check on stopping (all or none)
-                    sharded.announce({"op": "exec", "conn": conn.number, "code": code}, self.group)
-                    should_stop = distributed.agreed_stop(should_stop, self.group)
-                results = conn.session.execute(code, should_stop=should_stop, on_progress=on_progress,
-                                               trace_cache=self.trace_cache)
-            finally:
-                self.note_model(conn)
-            return [r.to_data(text=with_text) for r in results], None
-        except Interrupted:
-            return [], p.ProtocolError(p.INTERRUPTED, "interrupted")
-        except QueryError as exc:
-            partial = [r.to_data(text=with_text) for r in getattr(exc, "results", None) or []]
-            if job.stop.is_set():
-                return partial, p.ProtocolError(p.INTERRUPTED, "interrupted")
-            return partial, p.ProtocolError(p.QUERY_ERROR, exc.message, **without_message(exc.to_data()))
-        except MlxterpError as exc:
-            return [], p.ProtocolError(p.QUERY_ERROR, str(exc), suggestions=list(getattr(exc, "suggestions", [])))
-        except Exception as exc:  # noqa: BLE001 -- a bug in one query must not take the daemon down
-            log(traceback.format_exc())
-            return [], p.ProtocolError(p.INTERNAL, f"{type(exc).__name__}: {exc}")
 
     def note_model(self, conn: Connection) -> None:
         """On the worker, after a query: the module tree of a newly loaded model, and the output
@@ -637,9 +497,8 @@ class Daemon:
             return data
 
         def on_array(array):
-            raw = array.get("data")
-            if isinstance(raw, (bytes, bytearray)) and len(raw) > p.INLINE_ARRAY_LIMIT:
-                return p.summarise_array(array, conn.keep_blob(bytes(raw)))
+            if p.is_array(array) and array.nbytes > p.INLINE_ARRAY_LIMIT:
+                return p.summarise_array(array, conn.keep_blob(p.encode_array(array)["data"]))
             return array
 
         return p.walk_arrays(data, on_array)
@@ -663,80 +522,12 @@ def log(text: str) -> None:
     print(f"[mlxterp daemon {time.strftime('%H:%M:%S')}] {text}", file=sys.stderr, flush=True)
 
 
-def require(message: dict, field: str, kind: type):
-    value = message.get(field)
-    if not isinstance(value, kind) or isinstance(value, bool):
-        got = "nothing" if value is None else type(value).__name__
-        raise p.ProtocolError(p.BAD_REQUEST, f"'{field}' must be a {kind.__name__}, got {got}", field=field)
-    return value
-
-
-def code_and_offset(message: dict) -> tuple[str, int]:
-    code = require(message, "code", str)
-    offset = message.get("offset", len(code))
-    if not isinstance(offset, int) or isinstance(offset, bool) or not 0 <= offset <= len(code):
-        raise p.ProtocolError(p.BAD_REQUEST, f"'offset' must be an integer from 0 to {len(code)} (a character "
-                                             "index into 'code')", field="offset")
-    return code, offset
-
-
-def without_message(data: dict) -> dict:
-    return {k: v for k, v in data.items() if k != "message"}
-
-
-def progress_fields(args, kwargs) -> dict:
-    """Whatever the query language reports as progress, as plain fields."""
-    fields = {}
-    for arg in args:
-        if isinstance(arg, str):
-            fields["message"] = arg
-        elif isinstance(arg, (int, float)) and not isinstance(arg, bool):
-            fields["fraction"] = float(arg)
-        elif isinstance(arg, dict):
-            fields.update(arg)
-    for key, value in kwargs.items():
-        if isinstance(value, (str, int, float, bool)) or value is None:
-            fields[key] = value
-    return fields
-
-
 def latest_shapes(cache) -> dict[str, list[int]]:
     """Output shapes (full name -> shape) of the most recently used trace in the cache."""
     if cache is None:
         return {}
     shapes = cache.report()["shapes"]
     return shapes[-1] if shapes else {}
-
-
-_WORD = re.compile(r"[$A-Za-z0-9_.\[\],*-]+")
-
-
-def hover_text(code: str, offset: int, module_info, shapes, session):
-    """What a hover shows for the word under `offset`: a module, a $variable, or nothing."""
-    for match in _WORD.finditer(code):
-        if match.start() <= offset <= match.end():
-            word = match.group().strip(".,")
-            break
-    else:
-        return None
-    if word.startswith("$"):
-        value = session.variables.get(word[1:])
-        if value is None:
-            return {"text": f"`{word}`: not set in this session", "word": word}
-        return {"text": f"`{word}`: {value.summary(80)}", "word": word}
-    try:
-        full = session.model.resolve(word)
-    except Exception:
-        return None
-    info = next((m for m in module_info if m.get("full_name") == full), None)
-    if info is None:
-        return None
-    lines = [f"**{info.get('name', word)}** `{info.get('type', '?')}`", f"parameters: {info.get('params', 0):,}",
-             f"full name: `{full}`"]
-    shape = shapes.get(full) or shapes.get(info.get("name"))
-    if shape is not None:
-        lines.append(f"output shape: {tuple(shape)}")
-    return {"text": "\n\n".join(lines), "word": word, "module": info.get("name")}
 
 
 def same_user(writer: asyncio.StreamWriter) -> bool:
@@ -751,19 +542,6 @@ def same_user(writer: asyncio.StreamWriter) -> bool:
         return True
     _pid, uid, _gid = struct.unpack("3i", creds)
     return uid == os.getuid()
-
-
-def parse_host_port(text: str) -> tuple[str, int]:
-    """'HOST:PORT', ':PORT' or 'PORT' -> (host, port); the host defaults to loopback."""
-    host, _, port = text.rpartition(":")
-    host = host.strip("[]") or "127.0.0.1"
-    try:
-        number = int(port)
-    except ValueError:
-        raise SystemExit(f"--tcp wants HOST:PORT (e.g. 127.0.0.1:7420, or :0 for any free port), got {text!r}")
-    if not 0 <= number <= 65535:
-        raise SystemExit(f"--tcp port must be 0..65535, got {number}")
-    return host, number
 
 
 # --- command line ------------------------------------------------------------
@@ -790,7 +568,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def serve_main(argv: list[str] | None = None) -> int:
-    options = build_parser().parse_args(argv)
+    parser = build_parser()
+    options = parser.parse_args(argv)
+    if options.tcp:
+        try:
+            p.parse_host_port(options.tcp)
+        except ValueError as exc:
+            parser.error(f"--tcp: {exc}")
     group = None
     if options.shard:
         group = sharded.start()

@@ -37,6 +37,7 @@ from rich.text import Text
 
 from mlxterp_repl import client as daemon_client
 from mlxterp_repl import protocol as p
+from mlxterp_repl.commands import status_text
 from mlxterp_repl.dsl.highlight import MlxqLexer
 from mlxterp_repl.dsl.results import result_from_data
 
@@ -224,8 +225,7 @@ class Repl:
             if self.running_id is not None:
                 with self.lock:
                     try:
-                        self.client.send({"op": "interrupt", "id": f"repl-{self.running_id}",
-                                          "target": self.running_id})
+                        self.client.interrupt(self.running_id)
                     except OSError:
                         pass
             progress.clear()
@@ -254,14 +254,9 @@ class Repl:
             self.console.print(Text(message.get("text", "")), end="")
 
     def with_arrays(self, data: dict) -> dict:
-        """The result with the bytes of big arrays (sent as handles) fetched back in."""
-        def inline(array):
-            if "data" in array or "handle" not in array:
-                return array
-            with self.lock:
-                return {**array, "data": self.client.fetch_array(array)}
-
-        return p.walk_arrays(data, inline)
+        """The result with its big arrays (sent as handles) fetched."""
+        with self.lock:
+            return self.client.fetch_arrays(data)
 
     # showing things
     def show_result(self, data: dict) -> None:
@@ -340,7 +335,7 @@ class Repl:
         elif command == ":model":
             self.refresh_status()
             if self.connected:
-                self.console.print(Text(daemon_client.status_text(self.status)))
+                self.console.print(Text(status_text(self.status)))
             else:
                 self.console.print(Text("the daemon does not answer", style="red"))
         elif command == ":clear":

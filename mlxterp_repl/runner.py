@@ -27,7 +27,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def jsonable(value):
-    """Plain data with bytes turned into base64 text, so json.dumps takes it."""
+    """Plain data with arrays in the protocol's form and bytes as base64 text, so json.dumps takes it."""
+    from mlxterp_repl import protocol as p
+
+    if p.is_array(value):
+        value = p.encode_array(value)
     if isinstance(value, bytes):
         return base64.b64encode(value).decode("ascii")
     if isinstance(value, dict):
@@ -71,7 +75,7 @@ def run_script(source: str, session, *, as_json: bool = False, keep_going: bool 
         if as_json:
             record = {"line": line, "statement": text, "ok": error is None}
             if error is None:
-                record["result"] = jsonable(result.to_data())
+                record["result"] = jsonable(result.to_data(text=True))
             else:
                 record["error"] = error.to_data()
             print(json.dumps(record, ensure_ascii=False), file=out, flush=True)
@@ -132,7 +136,7 @@ def main(argv: list[str]) -> int:
 def run_through_daemon(source: str, options) -> int:
     """The same run in the daemon's session: the model stays loaded between runs and
     traces are cached. Output is identical to --local."""
-    from mlxterp_repl.client import DaemonError, DaemonNotRunning, RemoteSession, connect
+    from mlxterp_repl.client import DaemonError, DaemonNotRunning, connect
 
     try:
         client = connect(model=options.model or "demo")
@@ -151,3 +155,59 @@ def run_through_daemon(source: str, options) -> int:
         except KeyboardInterrupt:
             print("interrupted", file=sys.stderr)
             return 130
+
+
+# --- a session in the daemon ---------------------------------------------------
+
+class RemoteResult:
+    """A result as the daemon sent it (arrays already numpy), with the views `run_script` uses."""
+
+    def __init__(self, data: dict):
+        self.data = data
+        self.kind = data.get("kind")
+
+    def to_data(self, text: bool = True) -> dict:
+        return self.data  # asked for with its text drawing
+
+    def render(self):
+        from mlxterp_repl.dsl.results import result_from_data
+
+        return result_from_data(self.data).render()
+
+
+class RemoteSession:
+    """Runs parsed statements in the daemon, one exec each, with the interface of
+    `Session.execute_statement`: results come back, errors are QueryErrors whose spans
+    point into the whole script (so they render exactly as in-process ones do)."""
+
+    def __init__(self, client):
+        self.client = client
+
+    def execute_statement(self, statement, **_ignored):
+        import os
+
+        from mlxterp_repl import protocol as p
+        from mlxterp_repl.client import DaemonError
+        from mlxterp_repl.dsl.errors import QueryError
+
+        span = statement.span
+        reply = self.client.request("exec", code=statement.text, full=True, text=True, workdir=os.getcwd())
+        if reply.errors:
+            error = DaemonError(reply.errors[0])
+            if error.code == p.INTERRUPTED:
+                raise KeyboardInterrupt
+            if error.span is None:
+                raise QueryError(error.message, span, error.suggestions)
+            raise QueryError(error.message, shifted(QueryError.from_data(error.data).span, span), error.suggestions)
+        [data] = reply.results
+        return RemoteResult(data)
+
+
+def shifted(span, statement_span):
+    """`span`, counted within a statement's text, counted within the whole script instead."""
+    from mlxterp_repl.dsl.errors import Span
+
+    def shift(line, col):
+        return line + statement_span.line - 1, col + (statement_span.col - 1 if line == 1 else 0)
+
+    return Span(*shift(span.line, span.col), *shift(span.end_line, span.end_col))

@@ -2,98 +2,144 @@
 
 Every example query in the reference is run through the query language's
 `Session` on a real model, and its rendered output is pasted under it, so the
-page shows what `mlxterp run` prints. Re-run after the demo model or a renderer
-changes:
+page shows what `mlxterp run` prints. Re-run after the demo model, a renderer or
+the statement table changes:
 
     .venv/bin/python scripts/gen_dsl_doc.py demo docs/dsl.md
 
 The first argument is the model to load (as `InterpretableModel` takes it), the
-second the output file. The template's {{statements}} and {{errors}} are replaced.
+second the output file. The statement reference (syntax, help, examples), the
+interventions, the functions and the grammar's rules and word lists come from the
+statement table (mlxterp/core/statements.py): the template's {{placeholders}} are
+replaced with them and with the example errors. `table_fills()` needs no model;
+tests/test_statement_table.py checks that docs/dsl.md holds what it gives.
 """
 
-import io, os, sys, tempfile
-from rich.console import Console
-from mlxterp import InterpretableModel
-from mlxterp_repl.dsl import Session, parse, QueryError
-from mlxterp_repl.dsl.parser import STATEMENTS
+import io
+import os
+import sys
+import tempfile
+from pathlib import Path
 
-if len(sys.argv) != 3:
-    raise SystemExit("usage: gen_dsl_doc.py MODEL OUTPUT.md   (e.g. gen_dsl_doc.py demo docs/dsl.md)")
-MODEL = sys.argv[1]
-OUTPUT = os.path.abspath(sys.argv[2])  # before the chdir below: `export` examples write files there
-TEMPLATE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "dsl.md.in")
-model = InterpretableModel(MODEL)
-session = Session(model)
-os.chdir(tempfile.mkdtemp())
-SETUP = {
-    "steer": 'save layers.6 @ -1 in "The capital of France is" as $france\nsave layers.6 @ -1 in "The capital of Japan is" as $japan',
-    "export": "save layers.0..3.mlp @ -1 as $mlps",
-}
-EXAMPLES = {
-    "load": ["load demo"],
-    "prompt": ['prompt "The capital of France is"'],
-    "tokens": ["tokens"],
-    "save": ['save layers.8 @ "France"', "save layers.0..3.mlp @ -1 as $mlps"],
-    "lens": ["lens layers 10..15", "lens @ -1 top 3 layers 12..15"],
-    "predict": ["predict layers.12 @ -1 top 5"],
-    "patch": ['patch mlp clean "Paris is the capital of France" corrupt "London is the capital of France"',
-              'patch mlp clean "Paris is the capital of France" corrupt "London is the capital of France" @ * '
-              'metric logit_diff answers " Paris" " London" layers 0..5'],
-    "with": ["with layers.4 zero: lens @ -1 top 3 layers 3..6"],
-    "steer": ["let $v = $japan - $france", "steer layers.6 add $v * 1.0", "predict layers.15 @ -1 top 3", "steer clear"],
-    "let": ["let $v = $japan - $france", "let $size = norm($v)"],
-    "ls": ["ls", "ls layers.0"],
-    "stats": ["stats layers.0..3.mlp @ -1"],
-    "export": ["export $mlps to acts.safetensors"],
-    "info": ["info"],
-    "help": ["help patch"],
-}
-MORE = {
-    "load": "Loads the bundled demo model, a local mlx-lm directory (`load ./models/gpt2 layers=h` names the attribute holding the layers) or a hub id (`load mlx-community/Llama-3.2-1B-Instruct`, which needs a network). The prompt and the steering are reset; `$` variables stay.",
-    "prompt": "Sets the session's current input, which `tokens`, `save`, `lens`, `predict`, `stats` and `export` use unless given `in \"...\"`.",
-    "tokens": "Shows how the tokenizer splits the prompt (or the given text), with the BOS token it adds.",
-    "save": "Captures the output of a module or of every module of a pattern, at the positions asked for, and shows shape, norm, mean, std, min, max, a sparkline and the first values. `as $name` keeps it. Equals `with model.trace(prompt): model.layers[8].output.save()[0, position]`.",
-    "lens": "The logit lens (`model.logit_lens`): each layer's output decoded through the final norm and the unembedding. Without `@` (or with several positions): the top token per layer and position, coloured by token. With one position: the top `top` tokens (default 5) with their logits. `plot [to FILE]` writes the heatmap as a PNG. Under `with` or `steer`, the same decoding (`model.get_token_predictions`) of the intervened run.",
-    "predict": "The tokens a hidden state decodes to (`model.get_token_predictions`), per position; also of a saved `$name`. On `output` it shows the top logits themselves. Default `top 5`.",
-    "patch": "Activation patching (`model.activation_patching`): each layer's component (`mlp`, `attn`, `mlp.gate_proj`, `self_attn.q_proj`, or `layer` for the whole block) is patched from the clean run into the corrupted run; the result is the recovery % per layer (100 % restores the clean output, negative moves away from it). `metric` is `l2` (default), `mse` or `cosine` (distances between the last position's logits), or `logit_diff` with `answers \"CLEAN\" \"CORRUPT\"` (two single-token strings such as `\" Paris\" \" London\"`: recovery of the logit difference between them). With `@ POSITION` (any position form; `*` for all) each position is patched on its own and the result is a layer x position grid, coloured by recovery, with the tokens as column headers (a text position may name a token of either prompt). `plot [to FILE]` writes a bar chart, or a heatmap for the grid.",
-    "with": "Runs one query (`save`, `lens`, `predict`, `stats`, `export`) under interventions, then forgets them. See [Interventions](#interventions).",
-    "steer": "Interventions that stay on for every later query of the session; `steer` alone lists them, `steer clear` removes them.",
-    "let": "Arithmetic on saved values: see [let expressions](#let-expressions).",
-    "ls": "The module tree from `model.module_info()`: without a path, the modules outside the layers and one line for the layers; with a path or pattern, those modules and everything below them.",
-    "stats": "One row of statistics per module of a path or pattern.",
-    "export": "Writes a saved value, or a path's activations, to `.npz` or `.safetensors`.",
-    "info": "The model, the current prompt, the `$` variables and the steering in force.",
-    "help": "All statements with their syntax, or one statement's.",
-}
-def render(result):
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from mlxterp.core.statements import FUNCTIONS, INTERVENTIONS, METRICS, STATEMENTS, statement_help, with_bodies  # noqa: E402
+
+TEMPLATE = Path(__file__).resolve().with_name("dsl.md.in")
+ERROR_EXAMPLES = ["sav layers.8", "save layers.8.mpl @ -1", "save layers.20", 'save layers.8 @ "Germany"',
+                  "save layers.8 top 5", "steer layers.4 scal 2", "lens @ top", 'patch mlp clean "Paris is"',
+                  'prompt "The capital', "let $v = $paris - $londn"]
+
+
+def rule(name: str, body: str, width: int = 100) -> str:
+    """`name = body ;`, broken before a `|` where longer than `width`, the `|` under the
+    first `{` or `(` (under the `=` when there is none)."""
+    line = f"{name:<13} = {body} ;"
+    if len(line) <= width:
+        return line
+    brackets = [i for i in (line.find("{", 14), line.find("(", 14)) if i > 0]
+    indent = min(brackets) if brackets else 14
+    pieces = line.split(" | ")
+    lines = [pieces[0]]
+    for piece in pieces[1:]:
+        if len(lines[-1]) + 3 + len(piece) > width:
+            lines.append(" " * indent + "| " + piece)
+        else:
+            lines[-1] += " | " + piece
+    return "\n".join(lines)
+
+
+def statement_rule(spec) -> str:
+    text = rule(spec.name, spec.ebnf)
+    if spec.required:
+        text += f"\n{'':16}(* {' and '.join(spec.required)} required *)"
+    return text
+
+
+def intervention_grammar(spec) -> str:
+    readers = {"number": "NUMBER", "var": "VAR", "integer": "INT"}
+    parts = [f'"{spec.name}"'] + [readers[reads] for _, reads, _ in spec.arguments]
+    if spec.tail is not None:
+        parts.append(f'[ "{spec.tail[0]}" {readers[spec.tail[2]]} ]')
+    return " ".join(parts)
+
+
+def quoted(names) -> str:
+    return " | ".join(f'"{n}"' for n in names)
+
+
+def table_fills() -> dict[str, str]:
+    """The placeholders that come from the statement table alone (no model run)."""
+    return {
+        "interventions": "\n".join(f"| `{s.syntax}` | `{s.library}` | {s.effect} |" for s in INTERVENTIONS.values()),
+        "functions": "\n".join(f"- `{name}($x)`: {what}." for name, what in FUNCTIONS.items()),
+        "grammar_statements": "\n".join(statement_rule(spec) for spec in STATEMENTS.values()),
+        "statement_names": rule("statement", " | ".join(STATEMENTS)),
+        "with_bodies": rule("query", " | ".join(with_bodies())),
+        "intervention_forms": rule("intervention", "path ( " + " | ".join(
+            intervention_grammar(s) for s in INTERVENTIONS.values()) + " )"),
+        "function_names": quoted(FUNCTIONS),
+        "metric_names": quoted(METRICS),
+    }
+
+
+def statement_heading(name: str) -> str:
+    """A statement's section up to its examples: heading, syntax line, help."""
+    return f"### `{name}`\n\n`{STATEMENTS[name].syntax}`\n\n{statement_help(name)}\n"
+
+
+def render(result) -> str:
+    from rich.console import Console
+
     buf = io.StringIO()
     Console(file=buf, width=100, color_system=None, force_terminal=False).print(result.render())
     return "\n".join(line.rstrip() for line in buf.getvalue().rstrip().splitlines())
 
-parts = []
-session.execute('prompt "The capital of France is"')
-for name, (syntax, does) in STATEMENTS.items():
-    if name in SETUP:
-        session.execute(SETUP[name])
-    parts.append(f"### `{name}`\n\n`{syntax}`\n\n{MORE[name]}\n")
-    for query in EXAMPLES[name]:
-        text = query.replace("load demo", f"load {MODEL}") if MODEL != "demo" else query
-        (result,) = session.execute(text)
-        out = render(result)
-        if name == "load":
-            out = out.replace(MODEL, "demo")
-        parts.append(f"```mlxq\n{query}\n```\n```text\n{out}\n```\n")
-statements = "\n".join(parts).replace(MODEL, "demo")
 
-errors = []
-for query in ["sav layers.8", "save layers.8.mpl @ -1", "save layers.20", 'save layers.8 @ "Germany"', "save layers.8 top 5",
-              "steer layers.4 scal 2", "lens @ top", 'patch mlp clean "Paris is"', 'prompt "The capital', "let $v = $paris - $londn"]:
-    try:
-        session.execute(query)
-        raise SystemExit(f"no error for {query}")
-    except QueryError as e:
-        errors.append(f"```text\n{e.render(query)}\n```\n")
-doc = open(TEMPLATE).read()
-doc = doc.replace("{{statements}}", statements).replace("{{errors}}", "\n".join(errors))
-open(OUTPUT, "w").write(doc)
-print("written", OUTPUT)
+def run_fills(model_source: str) -> dict[str, str]:
+    """The placeholders that need a model: each statement's examples with their output, the errors."""
+    from mlxterp import InterpretableModel
+    from mlxterp_repl.dsl import QueryError, Session
+
+    session = Session(InterpretableModel(model_source))
+    os.chdir(tempfile.mkdtemp())  # `export` examples write files here
+    parts = []
+    session.execute('prompt "The capital of France is"')
+    for name, spec in STATEMENTS.items():
+        if spec.setup:
+            session.execute("\n".join(spec.setup))
+        parts.append(statement_heading(name))
+        for query in spec.examples:
+            text = query.replace("load demo", f"load {model_source}") if model_source != "demo" else query
+            (result,) = session.execute(text)
+            out = render(result)
+            if name == "load":
+                out = out.replace(model_source, "demo")
+            parts.append(f"```mlxq\n{query}\n```\n```text\n{out}\n```\n")
+    errors = []
+    for query in ERROR_EXAMPLES:
+        try:
+            session.execute(query)
+        except QueryError as e:
+            errors.append(f"```text\n{e.render(query)}\n```\n")
+        else:
+            raise SystemExit(f"no error for {query}")
+    return {"statements": "\n".join(parts).replace(model_source, "demo"), "errors": "\n".join(errors)}
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) != 2:
+        raise SystemExit("usage: gen_dsl_doc.py MODEL OUTPUT.md   (e.g. gen_dsl_doc.py demo docs/dsl.md)")
+    model_source, output = argv[0], os.path.abspath(argv[1])  # abspath before run_fills changes directory
+    fills = table_fills() | run_fills(model_source)
+    doc = TEMPLATE.read_text()
+    for key, text in fills.items():
+        doc = doc.replace("{{" + key + "}}", text)
+    if "{{" in doc:
+        raise SystemExit("a placeholder of dsl.md.in was not filled: " + doc[doc.index("{{"):][:40])
+    Path(output).write_text(doc)
+    print("written", output)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

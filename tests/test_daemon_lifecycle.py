@@ -136,8 +136,8 @@ def test_status_and_stop_commands(tmp_path):
     env = daemon_env(tmp_path)
 
     def mlxterp(*args):
-        return subprocess.run([sys.executable, "-c", "import sys; from mlxterp_repl import client; "
-                               f"sys.exit(client.{args[0]}_main(sys.argv[1:]))", *args[1:]],
+        return subprocess.run([sys.executable, "-c", "import sys; from mlxterp_repl import commands; "
+                               f"sys.exit(commands.{args[0]}_main(sys.argv[1:]))", *args[1:]],
                               capture_output=True, text=True, timeout=30, env=env)
 
     absent = mlxterp("status")

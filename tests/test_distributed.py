@@ -170,8 +170,11 @@ def result_frames(frames: list[dict]) -> list[dict]:
 
 
 def first_array(result: dict):
+    """The first array of a save result: a numpy array in-process, the wire form from a raw connection."""
+    from mlxterp_repl import protocol as p
+
     data = result["arrays"][0]["array"]
-    return np.frombuffer(data["data"], dtype=data["dtype"]).reshape(data["shape"])
+    return data if isinstance(data, np.ndarray) else p.decode_array(data)
 
 
 @contextlib.contextmanager

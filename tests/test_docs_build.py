@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-PAGES = ["quickstart", "tracing", "interventions", "analysis", "dsl", "daemon", "protocol",
+PAGES = ["quickstart", "tracing", "interventions", "analysis", "dsl", "develop", "daemon", "protocol",
          "repl", "lsp", "editors", "scale", "architectures"]
 
 

@@ -56,3 +56,22 @@ def test_daemon_page_python_client_runs_against_a_private_daemon(tmp_path, monke
     finally:
         with connect(autostart=False) as daemon:
             daemon.shutdown()
+
+
+def test_names_page_runs(tmp_path, monkeypatch):
+    namespace = run_page("names.md", tmp_path, monkeypatch)
+    assert namespace["table"].n_layers == namespace["model"].n_layers
+
+
+def test_tuned_lens_page_runs(tmp_path, monkeypatch, capsys):
+    namespace = run_page("tuned-lens.md", tmp_path, monkeypatch)
+    comparison = namespace["comparison"]
+    assert all(t < p for t, p in zip(comparison.tuned_lens_kl[:-1], comparison.logit_lens_kl[:-1]))
+    assert (tmp_path / "demo-lens" / "translators.safetensors").exists()
+
+
+def test_sae_page_runs(tmp_path, monkeypatch, capsys):
+    namespace = run_page("sae.md", tmp_path, monkeypatch)
+    assert namespace["metrics"].explained_variance > 0.8
+    assert namespace["features"].shape == (1, 6, 4 * 128)
+    assert "[[" in capsys.readouterr().out  # top-activating examples printed with their token marked

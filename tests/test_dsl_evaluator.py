@@ -76,7 +76,7 @@ def test_position_forms_select_the_right_tokens(session, model):
     full = traced(model, PROMPT, model.resolve("layers.3"))[0]
     france = next(i for i, t in enumerate(tokens) if t.strip() == "France")
     np.testing.assert_allclose(run(session, 'save layers.3 @ "France"').arrays[0][1], full[france], rtol=1e-6)
-    np.testing.assert_allclose(run(session, 'save layers.3 @ "Fran"').arrays[0][1], full[france], rtol=1e-6)
+    np.testing.assert_allclose(run(session, 'save layers.3 @ "France "').arrays[0][1], full[france], rtol=1e-6)
     np.testing.assert_allclose(run(session, "save layers.3 @ 1:3").arrays[0][1], full[1:3], rtol=1e-6)
     np.testing.assert_allclose(run(session, "save layers.3 @ [0, -1]").arrays[0][1], full[[0, -1]], rtol=1e-6)
     np.testing.assert_allclose(run(session, "save layers.3 @ *").arrays[0][1], full, rtol=1e-6)
@@ -242,18 +242,18 @@ def test_patch_logit_diff_without_positions_equals_the_library(session, model):
     result = run(session, f'patch mlp clean "{CLEAN}" corrupt "{CORRUPT}" metric logit_diff answers " Paris" " London"')
     expected = model.activation_patching(CLEAN, CORRUPT, component="mlp", metric="logit_diff",
                                          answers=(" Paris", " London"))
-    assert result.positions == [] and result.answers == [" Paris", " London"]
+    assert result.positions is None and result.answers == [" Paris", " London"]
     for layer in expected:
         assert math.isclose(result.recovery[layer], expected[layer], rel_tol=1e-4, abs_tol=1e-4)
 
 
 def test_patch_grid_renders_tokens_and_round_trips(session):
     result = run(session, f'patch mlp clean "{CLEAN}" corrupt "{CORRUPT}" @ 1:3 layers 0..1')
-    data = result.to_data()
+    data = result.to_data(text=True)
     assert "Paris/London" in data["text"] and "' is'" in data["text"]
-    assert data["recovery"].keys() == {"0", "1"} and data["recovery"]["0"].keys() == {"1", "2"}
+    assert data["layers"] == [0, 1] and data["positions"] == [1, 2] and data["percent"].shape == (2, 2)
     again = result_from_data(data)
-    assert again.recovery == result.recovery and again.to_data() == data
+    assert again.recovery == result.recovery and again == result
     layer, position, value = max(((l, p, v) for l, row in result.recovery.items() for p, v in row.items()),
                                  key=lambda cell: cell[2])
     assert result.summary(60) == f"best layer {layer} @ {position}: {value:+.1f}%"
@@ -438,7 +438,7 @@ def plain(value):
         return all(isinstance(k, str) and plain(v) for k, v in value.items())
     if isinstance(value, list):
         return all(plain(v) for v in value)
-    return value is None or isinstance(value, (str, int, float, bool, bytes))
+    return value is None or isinstance(value, (str, int, float, bool, bytes, np.ndarray))
 
 
 def test_every_result_renders_summarises_and_serialises(session, tmp_path):
@@ -456,5 +456,4 @@ def test_every_result_renders_summarises_and_serialises(session, tmp_path):
         console.print(result.render())
         assert 0 < len(result.summary(40)) <= 40
     saved = results[1].to_data()["arrays"][0]
-    array = np.frombuffer(saved["array"]["data"], dtype=saved["array"]["dtype"]).reshape(saved["array"]["shape"])
-    np.testing.assert_array_equal(array, session.variables["m"].arrays[0][1])
+    np.testing.assert_array_equal(saved["array"], session.variables["m"].arrays[0][1])

@@ -10,7 +10,7 @@ from mlxterp_repl.dsl.parser import INTERVENTIONS, OPTIONS, STATEMENTS
 WORDS = (
     list(STATEMENTS)
     + list(INTERVENTIONS)
-    + sorted({o for opts in OPTIONS.values() for o in opts})
+    + sorted(OPTIONS)
     + ["clear", "seed", "mean", "norm", "l2", "mse", "demo", "layers=h", "to", "plot"]
     + ["layers", "layers.8", "layers.*.mlp", "layers.0..5", "layers.[1,3].attn", "output", "embed", "mlp", "attn"]
     + ["$x", "$", "$mlps", "-1", "3", "0.5", "-2.5e3", "1e999", "99999999999999999999", "2:5", ":", "[0, -1]", "*"]

@@ -111,10 +111,12 @@ def test_spans_point_at_each_piece():
 
 
 def test_layers_option_forms():
-    assert only("lens layers 0..3").layers.indices == [0, 1, 2, 3]
-    assert only("lens layers [0, 4, 8]").layers.indices == [0, 4, 8]
-    assert only("lens layers 5").layers.indices == [5]
-    assert only("lens layers *").layers.indices is None
+    # the parser keeps the selection as written; mlxterp.core.paths decides what it selects
+    assert only("lens layers 0..3").layers.text == "0..3"
+    assert only("lens layers [0, 4, 8]").layers.text == "[0,4,8]"
+    assert only("lens layers 5").layers.text == "5"
+    assert only("lens layers -1..0").layers.text == "-1..0"
+    assert only("lens layers *").layers.text == "*"
 
 
 def test_plot_takes_an_optional_file():

@@ -6,7 +6,7 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mlxterp_lsp.checks import layer_problem, match_token, parse_findings, probe_name, variable_findings
+from mlxterp_lsp.checks import parse_findings, variable_findings
 from mlxterp_lsp.documents import Document, from_client, split_chunks, to_client
 from mlxterp_lsp.inline import InlineResult, apply_edit, full_text, recheck, summary_text
 from mlxterp_lsp.link import Settings
@@ -74,31 +74,13 @@ def test_inline_text_is_at_most_the_limit_and_marks_staleness():
 
 def test_hover_shows_the_result_as_the_terminal_draws_it():
     table = TableResult(["position", "id", "token"], [[0, 1, "<s>"], [1, 84, "The"]], kind="tokens", title="'The'")
-    hover = full_text(table.to_data(), "tokens")
+    hover = full_text(table.to_data(text=True), "tokens")  # as the daemon sends it to the editor
     assert hover.startswith("**tokens**")
     assert "│        1 │ 84 │ The   │" in hover  # the table itself, not a dump of its data
 
 
-def test_layer_index_out_of_range_and_empty_ranges_are_found():
-    assert layer_problem(["layers", "16", "mlp"], 16)[0] == 1
-    assert layer_problem(["layers", "-17"], 16) is not None
-    assert layer_problem(["layers", "5..2"], 16) is not None
-    assert layer_problem(["layers", "[1,3,20]"], 16) is not None
-    assert layer_problem(["layers", "-16"], 16) is None and layer_problem(["layers", "*", "mlp"], 16) is None
-
-
-def test_patterns_are_probed_through_their_first_layer():
-    assert probe_name(["layers", "*", "mlp"]) == ("layers.0.mlp", 1)
-    assert probe_name(["layers", "3..5", "attn"]) == ("layers.3.attn", 1)
-    assert probe_name(["layers", "[4,6]"]) == ("layers.4", 1)
-    assert probe_name(["layers", "2", "*"])[0] is None
-
-
-def test_token_match_is_exact_after_trimming_then_containing():
-    strings = ["<s>", "The", " capital", " of", " France", " is"]
-    assert match_token("France", strings) == 4
-    assert match_token("cap", strings) == 2
-    assert match_token("Berlin", strings) is None
+# The layer, module-path and token rules the checks apply are mlxterp.core's (tests/test_core_paths.py,
+# tests/test_core_positions.py); tests/test_agreement.py shows the checks agree with the evaluator.
 
 
 def test_settings_take_known_options_and_ignore_bad_values():

@@ -73,7 +73,7 @@ def test_traced_logits_equal_plain_forward(llama_base):
 def test_every_module_output_is_in_activations_under_full_names(llama_base):
     model = InterpretableModel(llama_base)
     with model.trace([3, 4, 5]) as trace:
-        names = set(dict.keys(trace.activations))
+        names = set(trace.activations)
         q = trace.activations["model.model.layers.2.self_attn.q_proj"]
     assert "model.model.layers.3" in names and "model.model.layers.0.mlp.gate_proj" in names
     assert "model.model.embed_tokens" in names and "output" in names
@@ -92,12 +92,12 @@ def test_short_full_alias_and_negative_names_give_the_same_array(llama_base):
 
 def test_saved_values_are_evaluated_arrays_and_unsaved_are_released(llama_base):
     model = InterpretableModel(llama_base)
-    with model.trace([1, 2, 3]) as trace:
+    with model.trace([1, 2, 3], keep="saved") as trace:
         h = model.layers[1].output.save()
         nested = model.layers[3].self_attn.q_proj.output.save()
     assert isinstance(h, mx.array) and h.shape == (1, 3, 64)
     assert nested.shape == (1, 3, 64)
-    assert set(dict.keys(trace.activations)) == {"model.model.layers.1", "model.model.layers.3.self_attn.q_proj"}
+    assert set(trace.activations) == {"model.model.layers.1", "model.model.layers.3.self_attn.q_proj"}
 
 
 def test_input_of_a_layer_is_the_previous_layers_output(llama_base):
@@ -178,7 +178,7 @@ def test_parameters_are_the_real_arrays_inside_and_outside_a_trace(llama_base):
 def test_capture_restricts_what_is_recorded(llama_base):
     model = InterpretableModel(llama_base)
     with model.trace([1, 2, 3], capture=["layers.*.mlp"]) as trace:
-        recorded = set(dict.keys(trace.activations))
+        recorded = set(trace.activations)
         mlp = model.layers[2].mlp.output.save()
         with pytest.raises(TraceError, match="capture="):
             model.layers[2].attn.output.save()

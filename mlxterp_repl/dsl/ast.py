@@ -48,7 +48,8 @@ class Index(Node):
 
 @dataclass(kw_only=True)
 class Match(Node):
-    """The token whose text matches (exact after trimming spaces, else the first containing it)."""
+    """The token whose text matches, by the rule of `mlxterp.core.positions` (exact, else ignoring
+    surrounding spaces)."""
 
     text: str
 
@@ -71,9 +72,10 @@ class AllPositions(Node):
 
 @dataclass(kw_only=True)
 class Layers(Node):
-    """Which layers a `lens` or `patch` covers: a list of indices, or None for all."""
+    """Which layers a `lens` or `patch` covers, as written (`3`, `0..7`, `7..0`, `[0,4,8]`, `*`);
+    `mlxterp.core.paths.parse_layers(text).indices(n_layers)` gives the layer numbers."""
 
-    indices: list[int] | None
+    text: str
 
 
 @dataclass(kw_only=True)
@@ -224,7 +226,7 @@ class Stats(Statement):
 @dataclass(kw_only=True)
 class Export(Statement):
     source: Node  # Var or Path
-    file: String
+    file: String | None = None  # required: the parser refuses an export without `to FILE`
     position: Node | None = None
     input: String | None = None
 

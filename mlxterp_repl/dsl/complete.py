@@ -10,11 +10,14 @@ filtered by the word being typed.
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass, field
 
+from mlxterp.core.statements import FUNCTIONS, INTERVENTIONS, METRICS, OPTIONS, STATEMENTS
+
+from mlxterp.core import paths
+
 from mlxterp_repl.dsl.lexer import tokenize
-from mlxterp_repl.dsl.parser import FUNCTIONS, INTERVENTIONS, METRICS, STATEMENTS, Parser
+from mlxterp_repl.dsl.parser import Parser
 
 
 @dataclass
@@ -23,6 +26,7 @@ class CompletionContext:
     n_layers: int | None = None
     variables: list[str] = field(default_factory=list)  # with or without the leading $
     prompt_tokens: list[str] = field(default_factory=list)  # token strings of the current prompt
+    table: paths.NameTable | None = None  # the core name table; else the short names of `modules`
 
 
 @dataclass
@@ -107,15 +111,16 @@ def _candidates(kind: str, payload, context: CompletionContext, in_string: bool)
         return _token_candidates(context) if kind == "position" else []
     if kind == "statement":
         names = payload or list(STATEMENTS)
-        return [Completion(name, "statement", STATEMENTS[name][0]) for name in names]
+        return [Completion(name, "statement", STATEMENTS[name].syntax) for name in names]
     if kind == "keyword":
-        return [Completion(word, "keyword") for word in payload if word not in (",", ":")]
+        return [Completion(word, "keyword", OPTIONS[word].syntax() if word in OPTIONS else "")
+                for word in payload if word not in (",", ":")]
     if kind == "topic":
-        return [Completion(name, "statement", STATEMENTS[name][1]) for name in STATEMENTS]
+        return [Completion(name, "statement", spec.summary) for name, spec in STATEMENTS.items()]
     if kind == "intervention":
-        return [Completion(name, "intervention", syntax) for name, syntax in INTERVENTIONS.items()]
+        return [Completion(name, "intervention", spec.syntax) for name, spec in INTERVENTIONS.items()]
     if kind == "metric":
-        return [Completion(name, "metric") for name in METRICS]
+        return [Completion(name, "metric", what) for name, what in METRICS.items()]
     if kind == "function":
         return [Completion(name, "function", f"{name}($x)", insert_text=f"{name}(") for name in FUNCTIONS]
     if kind == "var":
@@ -142,39 +147,18 @@ def _token_candidates(context: CompletionContext) -> list[Completion]:
     return out
 
 
-_PATTERN_SEGMENT = re.compile(r"^(\*|-?\d+\.\.-?\d+|\[[-\d,]*\]|-?\d+)$")
-
-
-def _segment_matches(typed: str, actual: str) -> bool:
-    if typed == actual:
-        return True
-    if typed == "attn" and actual == "self_attn":
-        return True
-    return actual.isdigit() and bool(_PATTERN_SEGMENT.match(typed))
-
-
-def _split_path(text: str) -> list[str]:
-    """Split a path on dots, keeping `A..B` ranges whole."""
-    return [part for part in re.split(r"(?<!\.)\.(?!\.)", text) if part != ""]
-
-
 def _module_candidates(prefix: str, context: CompletionContext) -> list[Completion]:
-    typed = _split_path(prefix)
-    types = {}
-    for module in context.modules:
-        types[module["name"]] = module.get("type", "")
-    children: dict[str, str] = {}
-    for name, type_name in types.items():
-        parts = name.split(".")
-        if len(parts) <= len(typed) or not all(_segment_matches(t, a) for t, a in zip(typed, parts)):
-            continue
-        child = parts[len(typed)]
-        full = ".".join(parts[: len(typed) + 1])
-        children.setdefault(child, types.get(full, ""))
-        if child == "self_attn":
-            children.setdefault("attn", "alias of self_attn")
+    """Next path segments below `prefix`, by the core's path rules over the module table."""
+    info = {module["name"]: module for module in context.modules}
+    names = context.table.short_names() if context.table is not None else list(info)
+    n_layers = context.table.n_layers if context.table is not None else context.n_layers
+    children = {child: info.get(name, {}).get("type", "") for child, name in
+                paths.next_segments(prefix, names, n_layers).items()}
+    for child in list(children):  # the one alias worth offering: attention goes by many names
+        if child in paths.ALIASES["attn"] and child != "attn":
+            children.setdefault("attn", f"alias of {child}")
     out = []
-    if not typed:
+    if not paths.split_path(prefix):
         out.append(Completion("output", "module", "the logits"))
     numeric = sorted((c for c in children if c.isdigit()), key=int)
     if numeric:

@@ -60,6 +60,11 @@ class QueryError(Exception):
     def to_data(self) -> dict:
         return {"message": self.message, "span": self.span.to_data(), "suggestions": list(self.suggestions)}
 
+    @classmethod
+    def from_data(cls, data: dict) -> "QueryError":
+        """The error of `to_data()`'s form (e.g. a daemon's `query_error` reply)."""
+        return cls(data["message"], Span(**data["span"]), data.get("suggestions"))
+
 
 def closest(word: str, candidates, n: int = 5) -> list[str]:
     """The candidates closest to a misspelt word, best first."""

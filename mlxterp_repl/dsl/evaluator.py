@@ -6,8 +6,8 @@ statement and returns one result per statement; errors are `QueryError`s pinned 
 piece of text they are about (library errors are translated, with the span of the path,
 position or file they concern).
 
-Every forward pass that `save`, `stats`, `export`, `predict` and an intervened `lens`
-need goes through `Session.activations`, which keys the run by (model, prompt tokens,
+Every forward pass that `save`, `stats`, `export`, `predict` and `lens` need goes
+through `Session.activations`, which keys the run by (model, prompt tokens,
 interventions in force). Given a `trace_cache` (anything with `get(key)` and
 `put(key, activations, nbytes)`; `TraceCache` is an in-memory LRU bounded in bytes), it
 captures every module once and answers later questions about the same run from the cache.
@@ -25,33 +25,31 @@ import numpy as np
 
 from mlxterp import InterpretableModel
 import mlxterp.interventions as iv  # (not `from mlxterp import interventions`: that recurses in mlxterp.__getattr__)
+from mlxterp.core.statements import STATEMENTS, usage
 from mlxterp.errors import Interrupted, LayerIndexError, MlxterpError, UnknownModuleError
 
-from mlxterp_repl.dsl import ast
+from mlxterp_repl.dsl import ast, selection
 from mlxterp_repl.dsl.errors import QueryError, closest
-from mlxterp_repl.dsl.parser import STATEMENTS, parse
-from mlxterp_repl.dsl.results import (
-    LensResult,
-    PatchResult,
-    PredictResult,
-    TableResult,
-    TextResult,
-    ValuesResult,
-    token_label,
-)
+from mlxterp_repl.dsl.parser import parse, statement_name
+from mlxterp.results import ActivationStats, TableResult, TextResult, TokenPredictions, ValuesResult, token_label
 
 OUTPUT = "output"
 
 
 class TraceCache:
-    """Captured activations of recent runs, least recently used first out, within a byte budget."""
+    """Captured activations of recent runs, least recently used first out, within a byte budget.
+
+    The budget counts what the cache really holds: each distinct array once, however many
+    entries or names share it (an array stays held until the last entry holding it leaves).
+    """
 
     def __init__(self, budget_bytes: int = 512 * 2**20):
         self.budget_bytes = budget_bytes
         self.used_bytes = 0
         self.hits = 0
         self.misses = 0
-        self._entries: OrderedDict = OrderedDict()  # key -> (activations, nbytes)
+        self._entries: OrderedDict = OrderedDict()  # key -> activations
+        self._held: dict[int, list] = {}  # id(array) -> [array, entries holding it]
 
     def get(self, key):
         entry = self._entries.get(key)
@@ -60,20 +58,45 @@ class TraceCache:
             return None
         self.hits += 1
         self._entries.move_to_end(key)
-        return entry[0]
+        return entry
 
-    def put(self, key, activations: dict, nbytes: int) -> None:
+    def put(self, key, activations: dict, nbytes: int | None = None) -> None:
+        """Hold `activations` under `key`. `nbytes` (the caller's estimate) is not trusted: the cache
+        counts the distinct arrays itself."""
         if key in self._entries:
-            self.used_bytes -= self._entries.pop(key)[1]
-        if nbytes > self.budget_bytes:
+            self._release(self._entries.pop(key))
+        arrays = self._distinct(activations)
+        if self._new_bytes(arrays) > self.budget_bytes:
             return
-        while self._entries and self.used_bytes + nbytes > self.budget_bytes:
-            self.used_bytes -= self._entries.popitem(last=False)[1][1]
-        self._entries[key] = (activations, nbytes)
-        self.used_bytes += nbytes
+        while self._entries and self.used_bytes + self._new_bytes(arrays) > self.budget_bytes:
+            self._release(self._entries.popitem(last=False)[1])
+        self._entries[key] = dict(activations)
+        for array in arrays.values():
+            held = self._held.get(id(array))
+            if held is None:
+                self._held[id(array)] = [array, 1]
+                self.used_bytes += array.nbytes
+            else:
+                held[1] += 1
+
+    @staticmethod
+    def _distinct(activations: dict) -> dict:
+        return {id(a): a for a in activations.values() if isinstance(a, mx.array)}
+
+    def _new_bytes(self, arrays: dict) -> int:
+        return sum(a.nbytes for i, a in arrays.items() if i not in self._held)
+
+    def _release(self, activations: dict) -> None:
+        for i, array in self._distinct(activations).items():
+            held = self._held[i]
+            held[1] -= 1
+            if held[1] == 0:
+                del self._held[i]
+                self.used_bytes -= array.nbytes
 
     def clear(self) -> None:
         self._entries.clear()
+        self._held.clear()
         self.used_bytes = 0
 
     def report(self, shapes: bool = True) -> dict:
@@ -83,7 +106,7 @@ class TraceCache:
                 "hits": self.hits, "misses": self.misses}
         if shapes:
             held["shapes"] = [{name: [int(n) for n in array.shape] for name, array in activations.items()}
-                              for activations, _nbytes in list(self._entries.values())]
+                              for activations in list(self._entries.values())]
         return held
 
     def __len__(self) -> int:
@@ -156,7 +179,7 @@ class Session:
         return self.run_statement(statement, Run(should_stop, on_progress, trace_cache))
 
     def run_statement(self, statement: ast.Statement, run: Run):
-        handler = getattr(self, "do_" + type(statement).__name__.lower())
+        handler = getattr(self, STATEMENTS[statement_name(statement)].handler)  # the statement table's handler
         try:
             return handler(statement, run)
         except (QueryError, Interrupted):
@@ -211,43 +234,8 @@ class Session:
         return self.model.short_name(full_name)
 
     def positions(self, node, tokens: list[str]) -> tuple[list[int], bool]:
-        """Token indices a position means, and whether it names a single token."""
-        n = len(tokens)
-        if node is None or isinstance(node, ast.AllPositions):
-            return list(range(n)), False
-        if isinstance(node, ast.Index):
-            return [self.index(node, tokens)], True
-        if isinstance(node, ast.Match):
-            return [self.match(node, tokens)], True
-        if isinstance(node, ast.Slice):
-            chosen = list(range(n))[slice(node.start, node.stop)]
-            if not chosen:
-                raise QueryError(f"the slice selects none of the prompt's {n} tokens (0..{n - 1})", node.span,
-                                 token_list(tokens))
-            return chosen, False
-        if isinstance(node, ast.PositionList):
-            return [self.index(i, tokens) if isinstance(i, ast.Index) else self.match(i, tokens) for i in node.items], False
-        raise QueryError("not a position", node.span)
-
-    def index(self, node: ast.Index, tokens: list[str]) -> int:
-        n = len(tokens)
-        if not -n <= node.value < n:
-            raise QueryError(f"position {node.value} is outside the prompt's {n} tokens (0..{n - 1}, or -{n}..-1)",
-                             node.span, token_list(tokens))
-        return node.value % n
-
-    def match(self, node: ast.Match, tokens: list[str]) -> int:
-        wanted = node.text.strip()
-        for i, token in enumerate(tokens):
-            if token.strip() == wanted:
-                return i
-        for i, token in enumerate(tokens):
-            if wanted and wanted in token:
-                return i
-        close = closest(wanted, [t.strip() for t in tokens], n=3)
-        hint = f" (did you mean {', '.join(repr(c) for c in close)}?)" if close else ""
-        raise QueryError(f"no token of the input matches {node.text!r}{hint}; valid: one of its tokens",
-                         node.span, token_list(tokens))
+        """Token indices a position means, and whether it names a single token (the core's rule)."""
+        return selection.select(node, tokens)
 
     def intervention_function(self, node: ast.Intervention):
         """The `mlxterp.interventions` function for one intervention, and its cache text
@@ -279,12 +267,9 @@ class Session:
 
     def interventions_in_force(self, run: Run) -> tuple[dict, str | None]:
         """{target: function} for the trace (steering, then `with`), and the cache text."""
-        chosen: dict[str, list] = {}
-        keys = []
-        for node, function, key in self.steering + run.extra:
-            chosen.setdefault(node.target.text, []).append(function)
-            keys.append(key)
-        functions = {t: fs[0] if len(fs) == 1 else iv.compose(*fs).build() for t, fs in chosen.items()}
+        steps = self.steering + run.extra
+        functions = iv.combined(*[{node.target.text: function} for node, function, _ in steps])
+        keys = [key for _, _, key in steps]
         canonical = None if any(k is None for k in keys) else "; ".join(keys)
         return functions, canonical
 
@@ -303,14 +288,14 @@ class Session:
         with model.trace([ids], interventions=interventions or None, capture=capture,
                          should_stop=run.should_stop) as tr:
             if key is not None:
-                found = {n: tr.save(n) for n in list(dict.keys(tr.activations))}
+                found = {n: tr.save(n) for n in list(tr.activations)}
             else:
                 found = {n: tr.save(n) for n in names}
         missing = [self.label(n) for n in names if n not in found]
         if missing:
             raise QueryError("no output in this forward pass for: " + ", ".join(missing), span)
         if key is not None:
-            cache.put(key, found, sum(a.nbytes for a in found.values()))
+            cache.put(key, found)
         return {n: found[n] for n in names}
 
     def variable(self, var: ast.Var) -> ValuesResult:
@@ -320,6 +305,22 @@ class Session:
             listing = ", ".join(known) if known else "none yet (save ... as $name)"
             raise QueryError(f"${var.name} is not defined; defined: {listing}", var.span, close or known)
         return self.variables[var.name]
+
+    def bind(self, name: str, array, label: str | None = None) -> ValuesResult:
+        """Make `$name` hold `array` (a value from Python: a notebook's `%mlxq --bind`, the
+        daemon's `bind` op). Raises ValueError naming what was wrong."""
+        from mlxterp_repl.dsl.lexer import tokenize
+
+        tokens = tokenize("$" + name)[0] if isinstance(name, str) and name else []
+        if not tokens or tokens[0].kind != "VAR" or tokens[0].value != name:
+            raise ValueError(f"{name!r} is not a $ name: use letters, digits and _ (e.g. 'direction')")
+        try:
+            values = np.asarray(array, dtype=np.float32)
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"${name} must be an array of numbers, got {type(array).__name__} ({error})") from None
+        result = ValuesResult([(label or name, values)], kind="let", name=name, where="bound from Python")
+        self.variables[name] = result
+        return result
 
     def values_at(self, statement, target: ast.Path, position, string, run: Run):
         """(labels, arrays at the positions, description) of a path on an input."""
@@ -407,74 +408,47 @@ class Session:
     def do_stats(self, node: ast.Stats, run: Run):
         self.need_model(node)
         arrays, where = self.values_at(node, node.target, node.position, node.input, run)
-        rows = []
-        for label, array in arrays:
-            flat = array.astype(np.float64).reshape(-1)
-            rows.append([label, str(tuple(array.shape)), float(np.linalg.norm(flat)), float(flat.mean()),
-                         float(flat.std()), float(flat.min()), float(flat.max())])
-        result = TableResult(["module", "shape", "norm", "mean", "std", "min", "max"], rows, kind="stats", title=where)
-        return self.with_notes(result, run)
+        return self.with_notes(ActivationStats.of(arrays, title=where), run)
 
     def do_predict(self, node: ast.Predict, run: Run):
+        from mlxterp.analysis import get_token_predictions, top_tokens
+
         model = self.need_model(node)
-        top = min(node.top or 5, model.vocab_size)
+        top = node.top or 5
         if isinstance(node.target, ast.Var):
             if node.position is not None or node.input is not None:
                 raise QueryError("'@' and 'in' apply to a module path, not to a saved $name", node.target.span)
-            value = self.variable(node.target)
-            arrays = value.arrays
+            arrays = self.variable(node.target).arrays
         else:
             arrays, _ = self.values_at(node, node.target, node.position, node.input, run)
-        rows = []
+        parts = []
         for label, array in arrays:
             states = array.reshape(-1, array.shape[-1]) if array.ndim else array.reshape(1, 1)
+            labels = [label] if len(states) == 1 else [f"{label} [{n}]" for n in range(len(states))]
             if label == OUTPUT or (array.ndim and array.shape[-1] == model.vocab_size != model.hidden_size):
-                predictions = top_of_logits(model, states, top)  # logits already: no decoding needed
+                parts.append(top_tokens(model, states, top, labels=labels))  # logits already: no decoding
+            elif states.shape[-1] != model.hidden_size:
+                raise QueryError(f"{label} has size {states.shape[-1]}, not the model's hidden size "
+                                 f"{model.hidden_size}: predict decodes hidden states", node.target.span)
             else:
-                if states.shape[-1] != model.hidden_size:
-                    span = node.target.span
-                    raise QueryError(f"{label} has size {states.shape[-1]}, not the model's hidden size "
-                                     f"{model.hidden_size}: predict decodes hidden states", span)
-                found = model.get_token_predictions(mx.array(states), top_k=top, return_scores=True)
-                predictions = [[(i, s, model.token_to_str(i)) for i, s in row] for row in found]
-            for n, row in enumerate(predictions):
-                rows.append((label if len(predictions) == 1 else f"{label} [{n}]", row))
-        return self.with_notes(PredictResult(rows), run)
+                parts.append(get_token_predictions(model, states, top_k=top, return_scores=True, labels=labels))
+        result = parts[0] if len(parts) == 1 else TokenPredictions.join(parts)
+        return self.with_notes(result, run)
 
     def do_lens(self, node: ast.Lens, run: Run):
         model = self.need_model(node)
         text, ids, tokens = self.resolve_input(node.input, node)
         chosen, single = self.positions(node.position, tokens)
-        top = min(node.top or (5 if single else 1), model.vocab_size)
         layers = self.layer_indices(node.layers)
-        interventions, _ = self.interventions_in_force(run)
+        shown = layers if layers is not None else list(range(model.n_layers))
         if run.should_stop is not None and run.should_stop():
             raise Interrupted("stopped before the logit lens ran")
-        if not interventions:
-            position = chosen[0] if single else None
-            lens = model.logit_lens(text, layers=layers, top_k=top, position=position)
-            shown = list(lens)
-            grid = [[lens[layer]] if single else [lens[layer][p] for p in chosen] for layer in shown]
-        else:
-            # Under interventions: the same decoding (the library's), of the intervened run.
-            shown = layers if layers is not None else list(range(model.n_layers))
-            names = [model.resolve(f"layers.{layer}") for layer in shown]
-            found = self.activations(ids, names, run, node.span)
-            grid = []
-            for name in names:
-                states = found[name][0][mx.array(chosen)]
-                rows = model.get_token_predictions(states, top_k=top, return_scores=True)
-                grid.append([[(i, s, model.token_to_str(i)) for i, s in row] for row in rows])
-            shown = [model.names.layer_index(n) for n in names]
-        plot = None
+        # The run `save` would use (served by the trace cache), decoded by the library's one lens.
+        hidden = self.activations(ids, [model.names.layer_names[layer] for layer in shown], run, node.span)
+        result = model.logit_lens(text, layers=shown, top_k=node.top or (5 if single else 1),
+                                  position=chosen[0] if single else chosen, hidden_states=hidden)
         if node.plot is not None:
-            from mlxterp.plots import plot_logit_lens
-
-            full = {layer: row for layer, row in zip(shown, grid)}
-            save_path = str(self.output_path(ast.String(span=node.plot.span, value=node.plot.file))) if node.plot.file else None
-            plot = self.plotting(lambda: plot_logit_lens(full, [tokens[p] for p in chosen], save_path=save_path),
-                                 node.plot)
-        result = LensResult(shown, chosen, [tokens[p] for p in chosen], grid, plot=plot)
+            self.plotting(lambda: result.save_plot(self.plot_path(node.plot)), node.plot)
         return self.with_notes(result, run)
 
     def do_patch(self, node: ast.Patch, run: Run):
@@ -483,11 +457,10 @@ class Session:
         layers = self.layer_indices(node.layers)
         component = node.component.text
         try:
-            model.resolve(f"layers.0.{component}") if component not in ("layer", "output") else None
+            probe = selection.patch_component(component)
+            model.resolve(probe) if probe is not None else None
         except UnknownModuleError as error:
-            names = sorted({s.split(".", 2)[2] for s in error.suggestions if s.count(".") >= 2})
-            raise QueryError(f"no component {component!r} in the layers", node.component.span,
-                             names or ["mlp", "attn", "mlp.gate_proj", "self_attn.q_proj"]) from None
+            raise selection.unknown_component(node.component, error) from None
         _, _, clean_tokens = self.resolve_input(node.clean, node)
         _, _, corrupt_tokens = self.resolve_input(node.corrupt, node)
         positions = None
@@ -498,40 +471,18 @@ class Session:
             raise Interrupted("stopped before the patching sweep ran")
         interventions, _ = self.interventions_in_force(run)
         try:
-            recovery = model.activation_patching(node.clean.value, node.corrupt.value, component=component,
-                                                 layers=layers, metric=metric, positions=positions, answers=answers,
-                                                 interventions=interventions, should_stop=run.should_stop)
+            result = model.activation_patching(node.clean.value, node.corrupt.value, component=component,
+                                               layers=layers, metric=metric, positions=positions, answers=answers,
+                                               interventions=interventions, should_stop=run.should_stop)
         except MlxterpError as error:
             raise QueryError(str(error), node.clean.span.to(node.corrupt.span)) from None
-        plot = None
         if node.plot is not None:
-            from mlxterp.plots import plot_patching
-
-            save_path = str(self.output_path(ast.String(span=node.plot.span, value=node.plot.file))) if node.plot.file else None
-            plot = self.plotting(lambda: plot_patching(recovery, title=f"Activation patching: {component} ({metric})",
-                                                       position_labels=clean_tokens, save_path=save_path), node.plot)
-        if positions is None:
-            result = PatchResult(component, metric, dict(recovery), plot=plot)
-        else:
-            result = PatchResult(component, metric, {layer: dict(row) for layer, row in recovery.items()}, plot=plot,
-                                 positions=positions, tokens=[clean_tokens[p] for p in positions],
-                                 corrupt_tokens=[corrupt_tokens[p] for p in positions])
-        if node.answers:
-            result.answers = [answer.value for answer in node.answers]
+            self.plotting(lambda: result.save_plot(self.plot_path(node.plot)), node.plot)
         return self.with_notes(result, run)
 
     def patch_positions(self, node, clean_tokens: list[str], corrupt_tokens: list[str]) -> list[int]:
-        """The positions of `patch ... @ POSITION`: a token text may be one of the clean or
-        of the corrupted prompt (the clean prompt is tried first)."""
-        try:
-            return self.positions(node, clean_tokens)[0]
-        except QueryError as clean_error:
-            if len(corrupt_tokens) != len(clean_tokens):
-                raise
-            try:
-                return self.positions(node, corrupt_tokens)[0]
-            except QueryError:
-                raise clean_error from None
+        """The positions of `patch ... @ POSITION` (`selection.select_patch`'s rule)."""
+        return selection.select_patch(node, clean_tokens, corrupt_tokens)
 
     def answer_id(self, answer: ast.String) -> int:
         """The token id of one `answers` string, which must be a single token (BOS aside)."""
@@ -631,26 +582,26 @@ class Session:
 
     def do_help(self, node: ast.Help, run: Run):
         if node.topic is None:
-            rows = [[name, syntax, does] for name, (syntax, does) in STATEMENTS.items()]
+            rows = [[name, spec.syntax, spec.summary] for name, spec in STATEMENTS.items()]
             return TableResult(["statement", "syntax", "does"], rows, kind="help", title="statements")
         topic = node.topic.value
         if topic not in STATEMENTS:
             raise QueryError(f"no statement named {topic!r}", node.topic.span,
                              closest(topic, STATEMENTS) or list(STATEMENTS))
-        syntax, does = STATEMENTS[topic]
-        return TextResult(f"{syntax}\n  {does}", kind="help", fields={"statement": topic, "syntax": syntax})
+        spec = STATEMENTS[topic]
+        return TextResult(usage(topic), kind="help",
+                          fields={"statement": topic, "syntax": spec.syntax})
 
     # ---- helpers of statements ----
 
     def layer_indices(self, layers: ast.Layers | None) -> list[int] | None:
-        if layers is None or layers.indices is None:
+        return selection.layers(layers, self.model.n_layers)
+
+    def plot_path(self, plot: ast.Plot) -> str | None:
+        """The file of `plot to FILE` (relative to the workdir), or None for the default."""
+        if not plot.file:
             return None
-        n = self.model.n_layers
-        for index in layers.indices:
-            if not -n <= index < n:
-                raise QueryError(f"layer {index} is out of range: the model has {n} layers (0..{n - 1}, "
-                                 f"or -{n}..-1 from the end)", layers.span, layer_range(self.model))
-        return [i % n for i in layers.indices]
+        return str(self.output_path(ast.String(span=plot.span, value=plot.file)))
 
     def plotting(self, draw, plot: ast.Plot) -> str:
         try:
@@ -708,14 +659,6 @@ def model_summary(model) -> dict:
         "vocab_size": model.vocab_size if model.tokenizer is not None else None,
         "parameters": int(sum(p.size for p in model.parameters().values())),
     }
-
-
-def top_of_logits(model, logits: np.ndarray, k: int) -> list[list[tuple]]:
-    rows = []
-    for row in logits:
-        ids = np.argsort(-row, kind="stable")[:k]
-        rows.append([(int(i), float(row[i]), model.token_to_str(int(i))) for i in ids])
-    return rows
 
 
 def expression_text(expr) -> str:

@@ -1,7 +1,9 @@
 """A Pygments lexer for `.mlxq` query files, for the REPL and the docs.
 
 Usage: `pygments.highlight(text, MlxqLexer(), formatter)`; the REPL wraps it with
-prompt_toolkit's `PygmentsLexer(MlxqLexer)`. Registered under the alias `mlxq`.
+prompt_toolkit's `PygmentsLexer(MlxqLexer)`. Registered under the alias `mlxq`. Its word
+lists (statements, options, interventions, metrics, functions) come from the statement
+table in `mlxterp.core.statements`.
 """
 
 from __future__ import annotations
@@ -9,9 +11,10 @@ from __future__ import annotations
 from pygments.lexer import RegexLexer, bygroups, words
 from pygments.token import Comment, Keyword, Name, Number, Operator, Punctuation, String, Text, Whitespace
 
-from mlxterp_repl.dsl.parser import FUNCTIONS, INTERVENTIONS, METRICS, OPTIONS, STATEMENTS
+from mlxterp.core.statements import FUNCTIONS, INTERVENTIONS, METRICS, STATEMENTS, option_keywords
 
-_OPTION_WORDS = sorted({o for options in OPTIONS.values() for o in options if o.isalpha()} | {"clear", "seed"})
+# every word list below comes from the statement table (tests/test_statement_table.py checks it)
+_OPTION_WORDS = option_keywords()
 
 
 class MlxqLexer(RegexLexer):

@@ -8,60 +8,29 @@ may come next at a cursor.
 
 from __future__ import annotations
 
+from mlxterp.core.statements import FUNCTIONS, INTERVENTIONS, METRICS, OPTIONS, STATEMENTS, with_bodies
+
 from mlxterp_repl.dsl import ast
 from mlxterp_repl.dsl.errors import ParseResult, QueryError, closest
 from mlxterp_repl.dsl.lexer import Token, tokenize
 
-# name -> (syntax, what it does); the order is the order of `help`
-STATEMENTS = {
-    "load": ("load SOURCE [layers=ATTR]", "load a model: demo, a local mlx-lm directory or a hub id"),
-    "prompt": ('prompt "TEXT"', "set the session's current input"),
-    "tokens": ('tokens ["TEXT"]', "table of position, id and text of each token"),
-    "save": ('save PATH [@ POSITION] [in "TEXT"] [as $NAME]', "capture activations and summarise them"),
-    "lens": ('lens [@ POSITION] [top K] [layers LAYERS] [in "TEXT"] [plot [to FILE]]', "logit lens"),
-    "predict": ('predict PATH|$NAME [@ POSITION] [top K] [in "TEXT"]', "top tokens a hidden state decodes to"),
-    "patch": (
-        'patch COMPONENT clean "TEXT" corrupt "TEXT" [@ POSITION] [metric NAME] [answers "A" "B"] [layers LAYERS] '
-        '[plot [to FILE]]',
-        "activation-patching sweep over layers (and positions, with @): recovery %",
-    ),
-    "with": ("with INTERVENTION {, INTERVENTION}: STATEMENT", "run one query under interventions"),
-    "steer": ("steer INTERVENTION {, INTERVENTION} | steer clear | steer", "interventions kept on until cleared"),
-    "let": ("let $NAME = EXPRESSION", "arithmetic on saved results: + - * /, mean(), norm()"),
-    "ls": ("ls [PATH]", "module tree: names, types, parameter counts"),
-    "stats": ('stats PATH [@ POSITION] [in "TEXT"]', "one row of statistics per module"),
-    "export": ('export $NAME|PATH [@ POSITION] [in "TEXT"] to FILE', "write arrays to .npz or .safetensors"),
-    "info": ("info", "model summary"),
-    "help": ("help [STATEMENT]", "this list, or help for one statement"),
-}
-
-# statements that may follow `with ...:` (those that run the model on an input)
-WITH_BODIES = ["save", "lens", "predict", "stats", "export"]
-INTERVENTIONS = {
-    "zero": "zero",
-    "scale": "scale K",
-    "clamp": "clamp LO HI",
-    "noise": "noise STD [seed N]",
-    "add": "add $v [* K]",
-    "replace": "replace $x",
-}
-FUNCTIONS = ["mean", "norm"]
-METRICS = ["l2", "mse", "cosine", "logit_diff"]
-# option keyword -> what follows it, per statement
-OPTIONS = {
-    "save": ["@", "in", "as"],
-    "lens": ["@", "top", "layers", "in", "plot"],
-    "predict": ["@", "top", "in"],
-    "patch": ["clean", "corrupt", "@", "metric", "answers", "layers", "plot"],
-    "stats": ["@", "in"],
-    "export": ["@", "in", "to"],
-}
+# The words of the language come from the one statement table (mlxterp.core.statements);
+# these names stay importable from here for the parser's users.
+WITH_BODIES = with_bodies()
 
 
 def parse(text: str) -> ParseResult:
     """Parse a whole text: the statements that parsed, and one error per line that did not."""
     parser = Parser(text)
     return parser.parse_all()
+
+
+def statement_name(node: ast.Statement) -> str:
+    """The table name of a parsed statement (`Save` -> "save")."""
+    return NODE_NAMES[type(node).__name__]
+
+
+NODE_NAMES = {spec.node: name for name, spec in STATEMENTS.items()}
 
 
 def describe(token: Token) -> str:
@@ -150,9 +119,9 @@ class Parser:
         return result
 
     def trailing_error(self, statement):
-        name = type(statement).__name__.lower()
-        options = OPTIONS.get(name, [])
-        message = f"unexpected {describe(self.peek())} after the {name} statement"
+        spec = STATEMENTS[statement_name(statement)]
+        options = list(spec.options)
+        message = f"unexpected {describe(self.peek())} after the {spec.name} statement"
         if options:
             message += "; it takes: " + ", ".join(options)
         self.fail(message, options)
@@ -170,12 +139,50 @@ class Parser:
             self.fail(f"{found} is not a statement; statements are: " + ", ".join(names), suggestions or names)
         self.advance()
         first = token
-        node = getattr(self, "statement_" + token.value)(first)
+        spec = STATEMENTS[token.value]
+        if spec.parser is not None:
+            node = getattr(self, spec.parser)(first)
+        else:
+            node = self.table_statement(spec, first)
         node.span = self.span_from(first)
         node.text = self.source[first.start : self.previous().end]
         return node
 
-    # ---- statements ----
+    def table_statement(self, spec, first) -> ast.Statement:
+        """A statement of the common shape: its argument, then its options (each at most once)."""
+        argument = {} if spec.reads == "nothing" else {spec.field: getattr(self, "argument_" + spec.reads)()}
+        node = getattr(ast, spec.node)(span=first.span, **argument)
+        if spec.options:
+            self.options(node, spec)
+        for keyword in spec.required:
+            if getattr(node, OPTIONS[keyword].field) is None:
+                self.note("keyword", [keyword])
+                self.fail(f"{spec.name} needs {OPTIONS[keyword].syntax()}", [keyword])
+        if spec.check is not None:
+            getattr(self, spec.check)(node, first)
+        return node
+
+    # ---- statement arguments (Statement.reads) ----
+
+    def argument_path(self):
+        return self.path()
+
+    def argument_optional_path(self):
+        return None if self.at_line_end() else self.path()
+
+    def argument_path_or_var(self):
+        self.note("var")
+        return self.var() if self.peek().kind == "VAR" else self.path()
+
+    def argument_string(self):
+        return self.string("the text in double quotes")
+
+    def argument_optional_string(self):
+        if self.at_line_end():
+            return None
+        return self.string("a text in double quotes (or nothing: the current prompt)")
+
+    # ---- statements of a special shape (Statement.parser) and checks (Statement.check) ----
 
     def statement_load(self, first):
         source = self.string_or_word("a model: demo, a directory or a hub id")
@@ -189,41 +196,7 @@ class Parser:
             options[key.value] = self.string_or_word("a value").value
         return ast.Load(span=first.span, source=source, options=options)
 
-    def statement_prompt(self, first):
-        return ast.Prompt(span=first.span, prompt=self.string("the prompt text in double quotes"))
-
-    def statement_tokens(self, first):
-        text = None
-        if not self.at_line_end():
-            text = self.string("a text in double quotes (or nothing: the current prompt)")
-        return ast.Tokens(span=first.span, input=text)
-
-    def statement_save(self, first):
-        target = self.path()
-        node = ast.Save(span=first.span, target=target)
-        self.options(node, "save")
-        return node
-
-    def statement_lens(self, first):
-        node = ast.Lens(span=first.span)
-        self.options(node, "lens")
-        return node
-
-    def statement_predict(self, first):
-        self.note("var")
-        target = self.var() if self.peek().kind == "VAR" else self.path()
-        node = ast.Predict(span=first.span, target=target)
-        self.options(node, "predict")
-        return node
-
-    def statement_patch(self, first):
-        component = self.path(what="a component like mlp, attn or mlp.gate_proj")
-        node = ast.Patch(span=first.span, component=component)
-        self.options(node, "patch")
-        for option in ("clean", "corrupt"):
-            if getattr(node, option) is None:
-                self.note("keyword", [option])
-                self.fail(f"patch needs {option} \"TEXT\"", [option])
+    def check_patch(self, node, first):
         logit_diff = node.metric is not None and node.metric.value == "logit_diff"
         if logit_diff and node.answers is None:
             self.note("keyword", ["answers"])
@@ -232,7 +205,10 @@ class Parser:
         if node.answers is not None and not logit_diff:
             raise QueryError("answers go with metric logit_diff: add 'metric logit_diff'",
                              node.answers[0].span.to(node.answers[1].span), ["metric logit_diff"])
-        return node
+
+    def check_export(self, node, first):
+        if isinstance(node.source, ast.Var) and (node.position or node.input):
+            self.fail("'@' and 'in' apply to a module path, not to a saved $name", token=first)
 
     def statement_with(self, first):
         interventions = self.interventions()
@@ -256,30 +232,6 @@ class Parser:
         self.expect("EQUALS", "'=' after the name")
         return ast.Let(span=first.span, name=name, expr=self.expression())
 
-    def statement_ls(self, first):
-        path = None if self.at_line_end() else self.path()
-        return ast.Ls(span=first.span, path=path)
-
-    def statement_stats(self, first):
-        node = ast.Stats(span=first.span, target=self.path())
-        self.options(node, "stats")
-        return node
-
-    def statement_export(self, first):
-        self.note("var")
-        source = self.var() if self.peek().kind == "VAR" else self.path()
-        node = ast.Export(span=first.span, source=source, file=None)
-        self.options(node, "export")
-        if node.file is None:
-            self.note("keyword", ["to"])
-            self.fail("export needs 'to FILE' (.npz or .safetensors)", ["to"])
-        if isinstance(source, ast.Var) and (node.position or node.input):
-            self.fail("'@' and 'in' apply to a module path, not to a saved $name", token=first)
-        return node
-
-    def statement_info(self, first):
-        return ast.Info(span=first.span)
-
     def statement_help(self, first):
         topic = None
         self.note("topic")
@@ -288,10 +240,10 @@ class Parser:
             topic = ast.String(span=token.span, value=token.value)
         return ast.Help(span=first.span, topic=topic)
 
-    # ---- options after a statement's main argument ----
+    # ---- options after a statement's argument (Option.reads) ----
 
-    def options(self, node, statement: str):
-        allowed = OPTIONS[statement]
+    def options(self, node, spec):
+        allowed = list(spec.options)
         seen = set()
         while True:
             left = [o for o in allowed if o not in seen and self.option_fits(node, o)]
@@ -301,36 +253,48 @@ class Parser:
             token = self.peek()
             key = "@" if token.kind == "AT" else token.value if token.kind == "NAME" else None
             if key not in allowed:
-                self.fail(f"unexpected {describe(token)} in {statement}; options left: " + ", ".join(left), left)
+                self.fail(f"unexpected {describe(token)} in {spec.name}; options left: " + ", ".join(left), left)
             if key in seen:
                 self.fail(f"'{key}' is given twice", left)
             seen.add(key)
             self.advance()
-            if key == "@":
-                node.position = self.position()
-            elif key == "in":
-                node.input = self.string('the input text in double quotes, as in: in "Paris is"')
-            elif key == "as":
-                node.name = self.var(new=True)
-            elif key == "top":
-                node.top = self.integer("the number of tokens to show", minimum=1)
-            elif key == "layers":
-                node.layers = self.layers()
-            elif key == "plot":
-                node.plot = self.plot(token)
-            elif key in ("clean", "corrupt"):
-                setattr(node, key, self.string(f"the {key} text in double quotes"))
-            elif key == "metric":
-                self.note("metric")
-                name = self.expect("NAME", "a metric name", METRICS)
-                if name.value not in METRICS:
-                    self.fail(f"unknown metric '{name.value}'; metrics are: " + ", ".join(METRICS), METRICS, name)
-                node.metric = ast.String(span=name.span, value=name.value)
-            elif key == "to":
-                node.file = self.string_or_word("a file name ending in .npz or .safetensors")
-            elif key == "answers":
-                node.answers = [self.string(f'the {which} answer in double quotes, as in: answers " Paris" " London"')
-                                for which in ("clean", "corrupted")]
+            option = OPTIONS[key]
+            setattr(node, option.field, getattr(self, "option_" + option.reads)(option, token))
+
+    def option_position(self, option, token):
+        return self.position()
+
+    def option_string(self, option, token):
+        if option.keyword == "in":
+            return self.string('the input text in double quotes, as in: in "Paris is"')
+        return self.string(f"the {option.keyword} text in double quotes")
+
+    def option_new_var(self, option, token):
+        return self.var(new=True)
+
+    def option_count(self, option, token):
+        return self.integer("the number of tokens to show", minimum=1)
+
+    def option_layers(self, option, token):
+        return self.layers()
+
+    def option_plot(self, option, token):
+        return self.plot(token)
+
+    def option_metric(self, option, token):
+        self.note("metric")
+        names = list(METRICS)
+        name = self.expect("NAME", "a metric name", names)
+        if name.value not in METRICS:
+            self.fail(f"unknown metric '{name.value}'; metrics are: " + ", ".join(names), names, name)
+        return ast.String(span=name.span, value=name.value)
+
+    def option_file(self, option, token):
+        return self.string_or_word("a file name ending in .npz or .safetensors")
+
+    def option_answers(self, option, token):
+        return [self.string(f'the {which} answer in double quotes, as in: answers " Paris" " London"')
+                for which in ("clean", "corrupted")]
 
     @staticmethod
     def option_fits(node, option: str) -> bool:
@@ -415,24 +379,30 @@ class Parser:
         if token.kind == "NAME":
             self.advance()
             return token.value
+        if token.kind in ("STAR", "NUMBER", "MINUS", "LBRACK"):
+            return self.layer_segment()
+        self.fail(f"expected a name, an index, *, A..B or [a, b] after '{prefix}', found {describe(token)}")
+
+    def layer_segment(self) -> str:
+        """`3` · `-1` · `0..7` · `[0, 4, 8]` · `*`, as text: a path's layer segment and the `layers`
+        option are the same syntax; what they select is `mlxterp.core.paths.parse_layers`'s rule."""
+        token = self.peek()
         if token.kind == "STAR":
             self.advance()
             return "*"
-        if token.kind in ("NUMBER", "MINUS"):
-            start = self.integer("a layer index")
-            if self.peek().kind == "DOTDOT":
-                self.advance()
-                return f"{start}..{self.integer('the last layer of the range')}"
-            return str(start)
         if token.kind == "LBRACK":
             self.advance()
             items = [self.integer("a layer index")]
             while self.peek().kind == "COMMA":
                 self.advance()
                 items.append(self.integer("a layer index"))
-            self.expect("RBRACK", "',' or ']' to close the list")
+            self.expect("RBRACK", "',' or ']' to close the list of layers")
             return "[" + ",".join(str(i) for i in items) + "]"
-        self.fail(f"expected a name, an index, *, A..B or [a, b] after '{prefix}', found {describe(token)}")
+        start = self.integer("a layer index")
+        if self.peek().kind == "DOTDOT":
+            self.advance()
+            return f"{start}..{self.integer('the last layer of the range')}"
+        return str(start)
 
     def position(self):
         """`-1` · `3` · `"France"` · `2:5` · `[0, -1]` · `*`."""
@@ -478,31 +448,13 @@ class Parser:
         return ast.Index(span=self.span_from(token), value=value)
 
     def layers(self) -> ast.Layers:
-        """`3` · `0..7` · `[0, 4, 8]` · `*`."""
+        """`3` · `0..7` · `7..0` · `[0, 4, 8]` · `*`."""
         self.note("layers")
         token = self.peek()
-        if token.kind == "STAR":
-            self.advance()
-            return ast.Layers(span=token.span, indices=None)
-        if token.kind == "LBRACK":
-            self.advance()
-            items = [self.integer("a layer index")]
-            while self.peek().kind == "COMMA":
-                self.advance()
-                items.append(self.integer("a layer index"))
-            self.expect("RBRACK", "',' or ']' to close the list of layers")
-            return ast.Layers(span=self.span_from(token), indices=items)
-        if token.kind not in ("NUMBER", "MINUS"):
+        if token.kind not in ("STAR", "LBRACK", "NUMBER", "MINUS"):
             self.fail(f"expected layers (3, 0..7, [0, 4, 8] or *), found {describe(token)}", ["0..7", "[0, 4, 8]", "*"])
-        start = self.integer("a layer index")
-        if self.peek().kind == "DOTDOT":
-            self.advance()
-            stop = self.integer("the last layer of the range")
-            indices = list(range(start, stop + 1)) if stop >= start else list(range(start, stop - 1, -1))
-            if len(indices) > 100_000:
-                raise QueryError("that range of layers is too long", self.span_from(token))
-            return ast.Layers(span=self.span_from(token), indices=indices)
-        return ast.Layers(span=self.span_from(token), indices=[start])
+        text = self.layer_segment()
+        return ast.Layers(span=self.span_from(token), text=text)
 
     def interventions(self) -> list[ast.Intervention]:
         items = [self.intervention()]
@@ -523,22 +475,27 @@ class Parser:
             self.fail(f"expected an intervention after {target.text}, found {found}", closest(kind.text, names) or names)
         self.advance()
         node = ast.Intervention(span=target.span, target=target, kind=kind.value)
-        if kind.value in ("scale", "noise"):
-            node.numbers = [float(self.signed_number("a number")[0])]
-            if kind.value == "noise" and self.is_word("seed"):
+        spec = INTERVENTIONS[kind.value]
+        for _placeholder, reads, what in spec.arguments:
+            self.intervention_argument(node, reads, what)
+        if spec.tail is not None:
+            keyword, _placeholder, reads, what = spec.tail
+            if (self.peek().kind == "STAR") if keyword == "*" else self.is_word(keyword):
                 self.advance()
-                node.seed = self.integer("a seed")
-            elif kind.value == "noise":
-                self.note("keyword", ["seed"])
-        elif kind.value == "clamp":
-            node.numbers = [float(self.signed_number("the lower bound")[0]), float(self.signed_number("the upper bound")[0])]
-        elif kind.value in ("add", "replace"):
-            node.var = self.var()
-            if kind.value == "add" and self.peek().kind == "STAR":
-                self.advance()
-                node.numbers = [float(self.signed_number("a scale factor")[0])]
+                self.intervention_argument(node, reads, what)
+            elif keyword.isidentifier():
+                self.note("keyword", [keyword])
         node.span = self.span_from_token_span(target.span)
         return node
+
+    def intervention_argument(self, node: ast.Intervention, reads: str, what: str) -> None:
+        """One argument of an intervention (Intervention.arguments and .tail)."""
+        if reads == "number":
+            node.numbers.append(float(self.signed_number(what)[0]))
+        elif reads == "integer":
+            node.seed = self.integer(what)
+        else:
+            node.var = self.var()
 
     def span_from_token_span(self, span):
         return span.to(self.previous().span)
@@ -594,7 +551,9 @@ class Parser:
             return inner
         if token.kind == "NAME":
             if token.value not in FUNCTIONS:
-                self.fail(f"unknown function '{token.value}'; functions are: " + ", ".join(FUNCTIONS), closest(token.value, FUNCTIONS) or FUNCTIONS)
+                names = list(FUNCTIONS)
+                self.fail(f"unknown function '{token.value}'; functions are: " + ", ".join(names),
+                          closest(token.value, names) or names)
             self.advance()
             self.expect("LPAREN", f"'(' after {token.value}")
             argument = self.expression()

@@ -1,0 +1,356 @@
+"""Module paths: their grammar, layer segments and ranges, and the one name resolver.
+
+A path is dot-separated segments (`layers.6.mlp`, `model.model.norm`). A segment right after
+the layer container (`layers`, or whatever the model calls it, e.g. `h`) may select layers:
+
+- `3`, `-1`          one layer; negative counts from the end
+- `0..5`, `7..0`     both ends included, in the order written (`7..0` is 7, 6, ..., 0);
+                     each end may be negative (`-3..-1` is the last three layers)
+- `[1,3]`, `[-1,0]`  the listed layers, in the order written
+- `*`                every layer
+
+The same segments are the `layers` option of `lens` and `patch` (`parse_layers`).
+
+`NameTable` is a model's module names as plain data (full names in model order, where the
+layers are, how many, and which containers forward to a single called child). It resolves
+every way a person can name a module: full names, short names (`layers.6.mlp`, `embed`),
+aliases (`attn`, `mlp`, `embed`, `norm`, `lm_head`), negative layers and patterns. The
+library builds one from the model (`mlxterp.naming`); the daemon sends it (`to_data`) so
+the language server runs this same resolver.
+"""
+
+from __future__ import annotations
+
+import difflib
+import fnmatch
+import re
+from dataclasses import dataclass, field
+
+from mlxterp.errors import LayerIndexError, UnknownModuleError
+
+ROOT = "model"
+OUTPUT = "output"
+
+# What architectures call the pieces a researcher names with one word.
+ALIASES = {
+    "attn": ("self_attn", "attention", "attn", "self_attention", "mixer", "linear_attn"),
+    "mlp": ("mlp", "feed_forward", "ffn", "block_sparse_moe", "moe"),
+    "embed": ("embed_tokens", "wte", "tok_embeddings", "embed_in", "word_embeddings", "embedding", "embeddings",
+              "token_embeddings"),
+    "norm": ("norm", "ln_f", "final_layernorm", "final_layer_norm", "norm_f", "final_norm", "embedding_norm"),
+    "lm_head": ("lm_head", "embed_out", "output"),
+}
+LAYER_CONTAINERS = ("layers", "h", "blocks", "layer")
+
+_INDEX = re.compile(r"^-?\d+$")
+_RANGE = re.compile(r"^(-?\d+)\.\.(-?\d+)$")
+_LIST = re.compile(r"^\[(.*)\]$")
+_SPLIT = re.compile(r"(?<!\.)\.(?!\.)")
+
+LAYERS_HELP = "3, -1, 0..5, 7..0, [1,3] or *"
+
+
+def split_path(text: str) -> list[str]:
+    """Segments of a path: split on single dots, keeping `A..B` ranges and `[a,b]` lists whole."""
+    parts, depth, current = [], 0, ""
+    for piece in _SPLIT.split(text):
+        current = piece if not current and depth == 0 else current + "." + piece
+        depth = current.count("[") - current.count("]")
+        if depth <= 0:
+            parts.append(current)
+            current, depth = "", 0
+    if current:
+        parts.append(current)
+    return [part for part in parts if part != ""]
+
+
+@dataclass(frozen=True)
+class LayerSelection:
+    """A layer segment as written; `indices(n_layers)` turns it into layer numbers."""
+
+    text: str
+    kind: str  # "index" | "range" | "list" | "all"
+    values: tuple[int, ...] = ()
+
+    def indices(self, n_layers: int) -> list[int]:
+        """Layer numbers (0..n_layers-1) in the order written; LayerIndexError names a bad one."""
+        if self.kind == "all":
+            return list(range(n_layers))
+        for value in self.values:
+            if not -n_layers <= value < n_layers:
+                raise LayerIndexError(value, n_layers)
+        resolved = [value % n_layers for value in self.values]
+        if self.kind == "range":
+            lo, hi = resolved
+            return list(range(lo, hi + 1)) if lo <= hi else list(range(lo, hi - 1, -1))
+        return resolved
+
+    @property
+    def single(self) -> bool:
+        return self.kind == "index"
+
+
+def parse_layers(text: str) -> LayerSelection | None:
+    """The layer selection a segment writes (`3`, `-1`, `0..5`, `[1,3]`, `*`), or None when the
+    segment is not one (a module name). A malformed list raises UnknownModuleError."""
+    text = text.strip()
+    if text == "*":
+        return LayerSelection("*", "all")
+    if _INDEX.match(text):
+        return LayerSelection(str(int(text)), "index", (int(text),))
+    m = _RANGE.match(text)
+    if m:
+        lo, hi = int(m.group(1)), int(m.group(2))
+        return LayerSelection(f"{lo}..{hi}", "range", (lo, hi))
+    m = _LIST.match(text)
+    if m:
+        items = [item.strip() for item in m.group(1).split(",")]
+        if not all(_INDEX.match(item) for item in items):
+            raise UnknownModuleError(text, [], f"a layer list holds integers, e.g. [1,3,5]; layers are {LAYERS_HELP}")
+        values = tuple(int(item) for item in items)
+        return LayerSelection("[" + ",".join(str(v) for v in values) + "]", "list", values)
+    return None
+
+
+def is_layer_segment(text: str) -> bool:
+    """Whether a segment is written as a layer selection (`3`, `0..5`, `[1,3]`, `*`)."""
+    try:
+        return parse_layers(text) is not None
+    except UnknownModuleError:
+        return False
+
+
+def _is_pattern(parts: list[str]) -> bool:
+    return any(ch in part for part in parts for ch in "*?[")
+
+
+@dataclass
+class NameTable:
+    """A model's module names as plain data, and the resolver over them."""
+
+    names: list[str]  # full names ("model.model.layers.0.mlp"), in model order
+    layers_prefix: str | None = None  # full name of the layer list, e.g. "model.model.layers"
+    n_layers: int = 0
+    forwards: dict[str, str] = field(default_factory=dict)  # container never called itself -> its one child
+
+    def __post_init__(self):
+        self.names = list(dict.fromkeys(self.names))
+        self._known = set(self.names)
+        self._order = {name: i for i, name in enumerate(self.names)}
+        self._by_suffix: dict[str, list[str]] = {}
+        for full in self.names:
+            parts = full.split(".")
+            for k in range(1, len(parts) + 1):
+                self._by_suffix.setdefault(".".join(parts[-k:]), []).append(full)
+        self.layer_names = [f"{self.layers_prefix}.{i}" for i in range(self.n_layers)] if self.layers_prefix else []
+        self._short = {full: self._shortest_unique(full) for full in self.names}
+
+    # -- plain data ------------------------------------------------------
+    def to_data(self) -> dict:
+        return {"names": list(self.names), "layers_prefix": self.layers_prefix, "n_layers": self.n_layers,
+                "forwards": dict(self.forwards)}
+
+    @classmethod
+    def from_data(cls, data: dict) -> "NameTable":
+        return cls(list(data.get("names") or []), data.get("layers_prefix"), int(data.get("n_layers") or 0),
+                   dict(data.get("forwards") or {}))
+
+    def __contains__(self, full: str) -> bool:
+        return full in self._known
+
+    # -- short names -----------------------------------------------------
+    def _shortest_unique(self, full: str) -> str:
+        if full == ROOT:
+            return ROOT
+        if self.layers_prefix and full.startswith(self.layers_prefix + "."):
+            return "layers" + full[len(self.layers_prefix):]
+        parts = full.split(".")
+        for k in range(1, len(parts)):
+            tail = ".".join(parts[-k:])
+            if len(self._by_suffix.get(tail, ())) == 1:
+                return tail
+        return full
+
+    def short(self, full: str) -> str:
+        """The shortest name that still names `full` alone (`layers.6.mlp`, `embed_tokens`)."""
+        return OUTPUT if full == OUTPUT else self._short.get(full, full)
+
+    def short_names(self) -> list[str]:
+        return [self._short[full] for full in self.names]
+
+    def layer_index(self, full: str) -> int | None:
+        """The index of the layer a module belongs to, or None."""
+        if self.layers_prefix and full.startswith(self.layers_prefix + "."):
+            head = full[len(self.layers_prefix) + 1:].split(".")[0]
+            return int(head) if head.isdigit() else None
+        return None
+
+    def find(self, role: str) -> str | None:
+        """Full name of the top-level module playing `role` (embed, norm, lm_head), or None."""
+        outside = [f for f in self.names if self.layer_index(f) is None]
+        for alias in ALIASES[role]:
+            for full in outside:
+                if full.split(".")[-1] == alias:
+                    return full
+        return None
+
+    def _is_container(self, part: str) -> bool:
+        return part == "layers" or (self.layers_prefix is not None and part == self.layers_prefix.split(".")[-1])
+
+    # -- resolving -------------------------------------------------------
+    def resolve(self, name: str) -> str:
+        """Full name for any single-module name; raises with the closest valid names."""
+        if not isinstance(name, str) or not name.strip():
+            raise UnknownModuleError(str(name), self.suggest("layers.0"), "a module name is a non-empty string")
+        name = name.strip()
+        if name == OUTPUT:
+            return name
+        if name in self._known:
+            return self._called(name)
+        if name == "logits":
+            return OUTPUT
+        parts = split_path(name)
+        if self.layer_segment_at(parts) is not None or _is_pattern(parts):
+            found = self.expand(name)
+            if len(found) == 1:
+                return found[0]
+            raise UnknownModuleError(name, [self.short(f) for f in found[:6]],
+                                     f"a pattern naming {len(found)} modules where one module is needed")
+        ambiguous = []
+        for candidate in self._alias_variants(parts):
+            found = self._by_suffix.get(candidate, [])
+            # "norm" is the final norm even where blocks hold a norm too (mamba, qwen3_next).
+            outside = [f for f in found if self.layer_index(f) is None]
+            if len(found) == 1 or len(outside) == 1:
+                return self._called(found[0] if len(found) == 1 else outside[0])
+            if found and not ambiguous:
+                ambiguous = found
+        if ambiguous:
+            raise UnknownModuleError(name, [self.short(f) for f in ambiguous][:6],
+                                     f"ambiguous: it names {len(ambiguous)} modules")
+        raise UnknownModuleError(name, self.suggest(name))
+
+    def layer_segment_at(self, parts: list[str]) -> int | None:
+        """Index (in `split_path`'s parts) of the layer segment of a path (`layers.<here>...`, `model.layers.<here>`), or None."""
+        if not self.layers_prefix:
+            return None
+        container = self.layers_prefix.split(".")
+        for i, part in enumerate(parts[:-1]):
+            if not self._is_container(part) or parse_layers(parts[i + 1]) is None:
+                continue
+            head = parts[:i]
+            if head and container[:-1][-len(head):] != head:
+                continue
+            return i + 1
+        return None
+
+    def _in_layer(self, name: str, index: int, rest: list[str]) -> str:
+        """The module `rest` names inside layer `index`."""
+        base = f"{self.layers_prefix}.{index}"
+        if not rest:
+            return base
+        for variant in self._alias_variants(rest):
+            full = base + "." + variant
+            if full in self._known:
+                return self._called(full)
+        children = [self.short(f) for f in self.names if f.startswith(base + ".")]
+        close = difflib.get_close_matches(self.short(base) + "." + ".".join(rest), children, n=5, cutoff=0.5)
+        raise UnknownModuleError(name, close or children[:8])
+
+    def _called(self, full: str) -> str:
+        """A container that is never called itself (exaone's `attn` holds `attention`): its one child."""
+        seen = set()
+        while full in self.forwards and full not in seen:
+            seen.add(full)
+            full = f"{full}.{self.forwards[full]}"
+        return full
+
+    def _alias_variants(self, parts: list[str]) -> list[str]:
+        """The name with each alias word replaced by the names architectures use for it."""
+        variants = [[]]
+        for part in parts:
+            options = (part,) + tuple(a for a in ALIASES.get(part, ()) if a != part)
+            variants = [v + [o] for v in variants for o in options]
+            if len(variants) > 64:
+                break
+        return [".".join(v) for v in variants]
+
+    def suggest(self, name: str, n: int = 5) -> list[str]:
+        """Valid names close to `name`."""
+        shorts = sorted(set(self._short.values()) - {ROOT}) + [OUTPUT]
+        close = difflib.get_close_matches(name, shorts, n=n, cutoff=0.5)
+        if not close:
+            last = split_path(name)[-1] if split_path(name) else name
+            close = [s for s in shorts if s.split(".")[-1] == last][:n]
+        return close or [s for s in shorts if s.count(".") <= 1][:n]
+
+    # -- patterns ----------------------------------------------------------
+    def expand(self, pattern: str) -> list[str]:
+        """Full names a pattern stands for, in layer order as written; a plain name gives one."""
+        if not isinstance(pattern, str) or not pattern.strip():
+            raise UnknownModuleError(str(pattern), self.suggest("layers.0"), "a module name is a non-empty string")
+        pattern = pattern.strip()
+        if pattern in (OUTPUT, "logits") or pattern in self._known:
+            return [self.resolve(pattern)]
+        parts = split_path(pattern)
+        at = self.layer_segment_at(parts)
+        if at is not None:
+            selection = parse_layers(parts[at])
+            rest = parts[at + 1:]
+            found = []
+            for index in selection.indices(self.n_layers):
+                if _is_pattern(rest):
+                    found.extend(self._glob(pattern, f"{self.layers_prefix}.{index}", rest))
+                else:
+                    found.append(self._in_layer(pattern, index, rest))
+            return found
+        if _is_pattern(parts):
+            return self._glob(pattern, None, parts)
+        return [self.resolve(pattern)]
+
+    def _glob(self, pattern: str, base: str | None, parts: list[str]) -> list[str]:
+        """Modules matching a pattern with `*`/`?` (below `base`, a layer, when given)."""
+        if base is not None:
+            wanted = base + "." + ".".join(parts)
+            found = [f for f in self.names if fnmatch.fnmatchcase(f, wanted)]
+        else:
+            text = ".".join(parts)
+            found = [f for f in self.names if fnmatch.fnmatchcase(self._short[f], text)]
+            found += [f for f in self.names if fnmatch.fnmatchcase(f, text) and f not in found]
+        if not found:
+            raise UnknownModuleError(pattern, self.suggest(pattern.replace("*", "0")), "the pattern matches no module")
+        return sorted(found, key=self._order.__getitem__)
+
+
+def segment_matches(typed: str, actual: str, n_layers: int | None = None) -> bool:
+    """Whether a written segment stands for an actual one: the same word, an alias of it
+    (`attn` for `self_attn`), or a layer selection containing that layer number."""
+    if typed == actual or actual in ALIASES.get(typed, ()):
+        return True
+    if not actual.isdigit():
+        return False
+    try:
+        selection = parse_layers(typed)
+    except UnknownModuleError:
+        return False
+    if selection is None:
+        return False
+    if not n_layers:
+        return True
+    try:
+        return int(actual) in selection.indices(n_layers)
+    except LayerIndexError:
+        return False
+
+
+def next_segments(prefix: str, names: list[str], n_layers: int | None = None) -> dict[str, str]:
+    """What may follow a typed path prefix (`layers.0..3.`): each next segment of `names` (short
+    names, in model order) below it, with the name it continues."""
+    typed = split_path(prefix)
+    found: dict[str, str] = {}
+    for name in names:
+        parts = name.split(".")
+        if len(parts) <= len(typed) or not all(segment_matches(t, a, n_layers) for t, a in zip(typed, parts)):
+            continue
+        found.setdefault(parts[len(typed)], ".".join(parts[: len(typed) + 1]))
+    return found

@@ -1,0 +1,300 @@
+"""The statement table of the query language (`.mlxq`): every statement, option, intervention,
+metric and function, declared once.
+
+Pure Python (standard library only): the language server imports it without MLX. Everything
+that knows the language's words is derived from these tables or tested against them: the
+parser (`mlxterp_repl.dsl.parser`), completion, the Pygments lexer, the language server's
+hover, the evaluator's dispatch and `help`, `docs/dsl.md` (`scripts/gen_dsl_doc.py`) and the
+editor grammars (`scripts/gen_grammars.py`). docs/develop.md says how to add a statement.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class Option:
+    """An option keyword after a statement's argument; it means the same in every statement.
+
+    `reads` names the parser's reader for what follows (see `OPTION_READERS`) and `field` the
+    attribute of the statement's syntax node the value goes to."""
+
+    keyword: str
+    takes: str  # what follows it, as the syntax line shows it ("" for nothing)
+    field: str
+    reads: str
+    description: str
+    grammar: str  # the option in the EBNF of docs/dsl.md
+
+    def syntax(self) -> str:
+        return f"{self.keyword} {self.takes}".strip()
+
+
+# How the parser reads what follows an option keyword (one `Parser` method per reader).
+OPTION_READERS = ("position", "string", "new_var", "count", "layers", "plot", "metric", "file", "answers")
+
+OPTIONS: dict[str, Option] = {o.keyword: o for o in [
+    Option("@", "POSITION", "position", "position", "the token positions (default: all)", '"@" position'),
+    Option("in", '"TEXT"', "input", "string", "run on this text instead of the session's prompt", '"in" STRING'),
+    Option("as", "$NAME", "name", "new_var", "keep the result under a $name", '"as" VAR'),
+    Option("top", "K", "top", "count", "how many tokens to show", '"top" INT'),
+    Option("layers", "LAYERS", "layers", "layers", "which layers to cover (default: all)", '"layers" layers'),
+    Option("plot", "[to FILE]", "plot", "plot", "also write a PNG (to a temporary file unless `to FILE`)",
+           "plot"),
+    Option("clean", '"TEXT"', "clean", "string", "the clean input", '"clean" STRING'),
+    Option("corrupt", '"TEXT"', "corrupt", "string", "the corrupted input", '"corrupt" STRING'),
+    Option("metric", "NAME", "metric", "metric", "how recovery is measured (a metric)", '"metric" METRIC'),
+    Option("answers", '"A" "B"', "answers", "answers", "the two single-token answers metric logit_diff compares",
+           '"answers" STRING STRING'),
+    Option("to", "FILE", "file", "file", "the file to write (.npz or .safetensors)", '"to" word_or_string'),
+]}
+
+# What may follow a statement's keyword before its options (the parser has one reader each),
+# and its EBNF in docs/dsl.md.
+ARGUMENT_READERS = {"nothing": "", "path": "path", "optional_path": "[ path ]", "path_or_var": "( path | VAR )",
+                    "string": "STRING", "optional_string": "[ STRING ]"}
+
+
+@dataclass(frozen=True)
+class Statement:
+    """One statement of the language.
+
+    `argument` is what follows the keyword, as the syntax line shows it, read by the parser's
+    `reads` reader into the node's `field` (statements of a special shape name their own
+    `parser` method instead). `options` are keys of `OPTIONS`, in the order the syntax line
+    and completion show them; `required` of them must be given. `handler` is the evaluator's
+    `Session` method that runs the statement and `result` the `kind` of what it returns.
+    `help` and `examples` make the statement's section of docs/dsl.md (`setup` runs before
+    the examples there, unshown)."""
+
+    name: str
+    summary: str  # one line, for `help` and completion
+    argument: str = ""
+    reads: str = "nothing"
+    field: str = ""
+    options: tuple[str, ...] = ()
+    required: tuple[str, ...] = ()
+    keywords: tuple[str, ...] = ()  # other words of its own shape (steer clear, load layers=)
+    with_body: bool = False  # may follow `with ...:` (runs the model on an input)
+    parser: str | None = None  # a Parser method for a special shape; None: argument then options
+    grammar: str = ""  # EBNF of a special shape (after the keyword); others derive it
+    check: str | None = None  # a Parser method checking combinations after the options
+    handler: str = ""  # the evaluator's Session method; default do_NAME
+    node: str = ""  # the syntax-tree class in mlxterp_repl.dsl.ast; default Name
+    result: str = ""  # the result's kind; default the statement's name
+    help: str = ""
+    examples: tuple[str, ...] = ()
+    setup: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        for name, default in (("handler", "do_" + self.name), ("node", self.name.capitalize()),
+                              ("result", self.name)):
+            if not getattr(self, name):
+                object.__setattr__(self, name, default)
+
+    @property
+    def syntax(self) -> str:
+        """The syntax line: `save PATH [@ POSITION] [in "TEXT"] [as $NAME]`."""
+        parts = [self.name] + ([self.argument] if self.argument else [])
+        for keyword in self.options:
+            text = OPTIONS[keyword].syntax()
+            parts.append(text if keyword in self.required else f"[{text}]")
+        return " ".join(parts)
+
+    @property
+    def ebnf(self) -> str:
+        """The right-hand side of its EBNF rule: `"save" path { "@" position | "in" STRING | "as" VAR }`."""
+        parts = [f'"{self.name}"', self.grammar or ARGUMENT_READERS[self.reads]]
+        if self.options:
+            parts.append("{ " + " | ".join(OPTIONS[k].grammar for k in self.options) + " }")
+        return " ".join(p for p in parts if p)
+
+
+STATEMENTS: dict[str, Statement] = {s.name: s for s in [
+    Statement(
+        "load", "load a model: demo, a local mlx-lm directory or a hub id",
+        argument="SOURCE [layers=ATTR]", keywords=("layers",), parser="statement_load",
+        grammar='word_or_string { "layers" "=" word_or_string }',
+        help="Loads the bundled demo model, a local mlx-lm directory (`load ./models/gpt2 layers=h` names the "
+             "attribute holding the layers) or a hub id (`load mlx-community/Llama-3.2-1B-Instruct`, which needs a "
+             "network). The prompt and the steering are reset; `$` variables stay.",
+        examples=("load demo",)),
+    Statement(
+        "prompt", "set the session's current input", argument='"TEXT"', reads="string", field="prompt",
+        help="Sets the session's current input, which `tokens`, `save`, `lens`, `predict`, `stats` and `export` "
+             "use unless given `in \"...\"`.",
+        examples=('prompt "The capital of France is"',)),
+    Statement(
+        "tokens", "table of position, id and text of each token", argument='["TEXT"]', reads="optional_string",
+        field="input",
+        help="Shows how the tokenizer splits the prompt (or the given text), with the BOS token it adds.",
+        examples=("tokens",)),
+    Statement(
+        "save", "capture activations and summarise them", argument="PATH", reads="path", field="target",
+        options=("@", "in", "as"), with_body=True,
+        help="Captures the output of a module or of every module of a pattern, at the positions asked for, and "
+             "shows shape, norm, mean, std, min, max, a sparkline and the first values. `as $name` keeps it. Equals "
+             "`with model.trace(prompt): model.layers[8].output.save()[0, position]`.",
+        examples=('save layers.8 @ "France"', "save layers.0..3.mlp @ -1 as $mlps")),
+    Statement(
+        "lens", "logit lens", options=("@", "top", "layers", "in", "plot"), with_body=True,
+        help="The logit lens (`model.logit_lens`): each layer's output decoded through the final norm and the "
+             "unembedding. Without `@` (or with several positions): the top `top` tokens (default 1) per layer "
+             "and position, coloured by token. With one position: the top `top` tokens (default 5) with their "
+             "logits. `top` is at most the vocabulary size; the terminal draws 3 per cell (10 for one position) "
+             "and says so, the result's data holds all. `plot [to FILE]` writes the heatmap as a PNG. It decodes "
+             "the same run `save` reads (the trace cache's, interventions of `with` and `steer` included).",
+        examples=("lens layers 10..15", "lens @ -1 top 3 layers 12..15")),
+    Statement(
+        "predict", "top tokens a hidden state decodes to", argument="PATH|$NAME", reads="path_or_var",
+        field="target", options=("@", "top", "in"), with_body=True,
+        help="The tokens a hidden state decodes to (`model.get_token_predictions`), per position; also of a saved "
+             "`$name`. On `output` it shows the top logits themselves. Default `top 5`.",
+        examples=("predict layers.12 @ -1 top 5",)),
+    Statement(
+        "patch", "activation-patching sweep over layers (and positions, with @): recovery %",
+        argument="COMPONENT", reads="path", field="component",
+        options=("clean", "corrupt", "@", "metric", "answers", "layers", "plot"), required=("clean", "corrupt"),
+        check="check_patch",
+        help="Activation patching (`model.activation_patching`): each layer's component (`mlp`, `attn`, "
+             "`mlp.gate_proj`, `self_attn.q_proj`, or `layer` for the whole block) is patched from the clean run "
+             "into the corrupted run; the result is the recovery % per layer (100 % restores the clean output, "
+             "negative moves away from it). `metric` is `l2` (default), `mse` or `cosine` (distances between the "
+             "last position's logits), or `logit_diff` with `answers \"CLEAN\" \"CORRUPT\"` (two single-token "
+             "strings such as `\" Paris\" \" London\"`: recovery of the logit difference between them). With "
+             "`@ POSITION` (any position form; `*` for all) each position is patched on its own and the result is a "
+             "layer x position grid, coloured by recovery, with the tokens as column headers (a text position may "
+             "name a token of either prompt). `plot [to FILE]` writes a bar chart, or a heatmap for the grid.",
+        examples=('patch mlp clean "Paris is the capital of France" corrupt "London is the capital of France"',
+                  'patch mlp clean "Paris is the capital of France" corrupt "London is the capital of France" @ * '
+                  'metric logit_diff answers " Paris" " London" layers 0..5')),
+    Statement(
+        "with", "run one query under interventions", argument="INTERVENTION {, INTERVENTION}: STATEMENT",
+        parser="statement_with", result="the query's", grammar='intervention { "," intervention } ":" query',
+        help="Runs one query ({bodies}) under interventions, then forgets them. See [Interventions](#interventions).",
+        examples=("with layers.4 zero: lens @ -1 top 3 layers 3..6",)),
+    Statement(
+        "steer", "interventions kept on until cleared", argument="[INTERVENTION {, INTERVENTION} | clear]",
+        keywords=("clear",), parser="statement_steer", grammar='[ "clear" | intervention { "," intervention } ]',
+        help="Interventions that stay on for every later query of the session; `steer` alone lists them, "
+             "`steer clear` removes them.",
+        examples=("let $v = $japan - $france", "steer layers.6 add $v * 1.0", "predict layers.15 @ -1 top 3",
+                  "steer clear"),
+        setup=('save layers.6 @ -1 in "The capital of France is" as $france',
+               'save layers.6 @ -1 in "The capital of Japan is" as $japan')),
+    Statement(
+        "let", "arithmetic on saved results: + - * /, mean(), norm()", argument="$NAME = EXPRESSION",
+        parser="statement_let", grammar='VAR "=" expression',
+        help="Arithmetic on saved values: see [let expressions](#let-expressions).",
+        examples=("let $v = $japan - $france", "let $size = norm($v)")),
+    Statement(
+        "ls", "module tree: names, types, parameter counts", argument="[PATH]", reads="optional_path", field="path",
+        help="The module tree from `model.module_info()`: without a path, the modules outside the layers and one "
+             "line for the layers; with a path or pattern, those modules and everything below them.",
+        examples=("ls", "ls layers.0")),
+    Statement(
+        "stats", "one row of statistics per module", argument="PATH", reads="path", field="target",
+        options=("@", "in"), with_body=True,
+        help="One row of statistics per module of a path or pattern.",
+        examples=("stats layers.0..3.mlp @ -1",)),
+    Statement(
+        "export", "write arrays to .npz or .safetensors", argument="$NAME|PATH", reads="path_or_var",
+        field="source", options=("@", "in", "to"), required=("to",), with_body=True, check="check_export",
+        help="Writes a saved value, or a path's activations, to `.npz` or `.safetensors`.",
+        examples=("export $mlps to acts.safetensors",), setup=("save layers.0..3.mlp @ -1 as $mlps",)),
+    Statement(
+        "info", "model summary",
+        help="The model, the current prompt, the `$` variables and the steering in force.",
+        examples=("info",)),
+    Statement(
+        "help", "this list, or help for one statement", argument="[STATEMENT]", parser="statement_help",
+        grammar="[ NAME ]",
+        help="All statements with their syntax, or one statement's.",
+        examples=("help patch",)),
+]}
+
+
+@dataclass(frozen=True)
+class Intervention:
+    """`TARGET NAME ARGUMENTS [TAIL]` in `with` and `steer`: one `mlxterp.interventions` function.
+
+    `arguments` are (placeholder, reader, what) with reader "number" (appended to the node's
+    numbers), "var" (its $name) or "integer" (its seed); `tail` is an optional
+    (keyword, placeholder, reader, what) after them."""
+
+    name: str
+    arguments: tuple[tuple[str, str, str], ...] = ()
+    tail: tuple[str, str, str, str] | None = None
+    library: str = ""
+    effect: str = ""
+
+    @property
+    def syntax(self) -> str:
+        parts = [self.name] + [placeholder for placeholder, _, _ in self.arguments]
+        if self.tail is not None:
+            parts.append(f"[{self.tail[0]} {self.tail[1]}]")
+        return " ".join(parts)
+
+
+INTERVENTIONS: dict[str, Intervention] = {i.name: i for i in [
+    Intervention("zero", library="iv.zero_out", effect="replaced by zeros"),
+    Intervention("scale", (("K", "number", "a number"),), library="iv.scale(K)", effect="multiplied by K"),
+    Intervention("clamp", (("LO", "number", "the lower bound"), ("HI", "number", "the upper bound")),
+                 library="iv.clamp(LO, HI)", effect="clipped to [LO, HI]"),
+    Intervention("noise", (("STD", "number", "a number"),), tail=("seed", "N", "integer", "a seed"),
+                 library="iv.noise(STD, seed=N)",
+                 effect="Gaussian noise added (with a seed, the same noise every run)"),
+    Intervention("add", (("$v", "var", "a $name"),), tail=("*", "K", "number", "a scale factor"),
+                 library="iv.add_vector(v * K)", effect="a vector added at every position (a steering vector)"),
+    Intervention("replace", (("$x", "var", "a $name"),), library="iv.replace_with(x)",
+                 effect="replaced by a saved activation (save it `@ *` from a prompt of the same length; a single "
+                        "vector replaces every position)"),
+]}
+
+# metric of `patch ... metric NAME` -> what it measures
+METRICS: dict[str, str] = {
+    "l2": "L2 distance between the last position's logits (the default)",
+    "mse": "mean squared error between the last position's logits",
+    "cosine": "cosine distance between the last position's logits",
+    "logit_diff": 'logit difference between the two answers (needs answers "A" "B")',
+}
+
+# function of `let` expressions -> what it does
+FUNCTIONS: dict[str, str] = {
+    "mean": "of a value holding several arrays (a pattern such as `layers.*.mlp`), their element-wise average; "
+            "of one array, the average over its first axis (the positions)",
+    "norm": "the L2 norm over the last axis of each array",
+}
+
+
+def with_bodies() -> list[str]:
+    """Statements that may follow `with ...:`, in table order."""
+    return [s.name for s in STATEMENTS.values() if s.with_body]
+
+
+def option_keywords() -> list[str]:
+    """Every word that is a keyword after a statement's keyword: option keywords, the words of
+    special shapes (`clear`, `layers=`) and intervention tails (`seed`), sorted; `@` and `*`
+    (punctuation) are left out."""
+    words = set(OPTIONS) | {w for s in STATEMENTS.values() for w in s.keywords}
+    words |= {i.tail[0] for i in INTERVENTIONS.values() if i.tail is not None}
+    return sorted(w for w in words if w.isidentifier())
+
+
+def usage(name: str) -> str:
+    """Plain-text help of one statement: syntax, summary, its options, an example (`help NAME`)."""
+    spec = STATEMENTS[name]
+    lines = [spec.syntax, "  " + spec.summary]
+    if spec.options:
+        width = max(len(OPTIONS[k].syntax()) for k in spec.options)
+        lines.append("options:")
+        lines += [f"  {OPTIONS[k].syntax():<{width}}  {OPTIONS[k].description}" for k in spec.options]
+    if spec.examples:
+        lines += ["example:", "  " + spec.examples[0]]
+    return "\n".join(lines)
+
+
+def statement_help(name: str) -> str:
+    """The statement's help paragraph, with `{bodies}` filled in."""
+    return STATEMENTS[name].help.replace("{bodies}", ", ".join(f"`{b}`" for b in with_bodies()))
