@@ -7,10 +7,13 @@
   position, from one forward pass.
 * ``activation_patching`` measures how much of the clean output a corrupted
   run recovers when one layer's component (or one position of it) takes its
-  clean value. The clean prompt runs once and the patched runs are rows of
-  batched forward passes, one row per patched (layer, position). When they
-  all fit in one batch, the clean prompt is row 0 of that same batch and the
-  patched rows copy from it: the whole sweep is one forward pass.
+  clean value. The patched runs are rows of batched forward passes next to
+  the clean and corrupted prompts (rows 0 and 1), one row per patched (layer,
+  position), copying from row 0. A patched row joins the batch only at its
+  layer's input (before it, it would equal the corrupted row), the logits are
+  computed at the last position only, and a pass holds as many rows as
+  ``batch_size`` and ``patch_budget_bytes`` allow: when all fit, the whole
+  sweep is one forward pass costing about half a forward pass per layer.
 
 Recovery, in percent, for a distance metric ``d`` on the last position's logits::
 
@@ -150,24 +153,46 @@ def logit_lens(model, text, layers: Optional[Iterable[int]] = None, top_k: int =
 
     names = [model.names.layer_names[layer] for layer in layers]
     if hidden_states is None:
-        with model.trace(text, capture=names, interventions=interventions, should_stop=should_stop) as tr:
+        # keep="saved": the model's own logits (every position, the whole vocabulary) are never computed.
+        with model.trace(text, capture=names, interventions=interventions, should_stop=should_stop,
+                         keep="saved") as tr:
             hidden_states = {name: tr.save(name) for name in names}
     index = mx.array(chosen)
-    ids, scores = [], []
-    for layer, name in zip(layers, names):
-        states = _hidden_of(hidden_states, layer, name, len(tokens))[index]
-        logits = unembed(model, states) if translators is None else translators.logits(model, states, layer)
-        layer_ids, layer_scores = _top_k(logits, top_k)
-        ids.append(np.array(layer_ids).astype(np.int32))
-        scores.append(np.array(layer_scores))
-    ids = np.stack(ids) if ids else np.zeros((0, len(chosen), top_k), np.int32)
-    scores = np.stack(scores) if scores else np.zeros((0, len(chosen), top_k), np.float32)
+    states = [_hidden_of(hidden_states, layer, name, len(tokens))[index] for layer, name in zip(layers, names)]
+    if translators is None and states:
+        ids, scores = _decode_top_k(model, mx.concatenate(states), top_k)
+        ids, scores = ids.reshape(len(layers), len(chosen), top_k), scores.reshape(len(layers), len(chosen), top_k)
+    else:
+        ids, scores = [], []
+        for layer, layer_states in zip(layers, states):
+            layer_ids, layer_scores = _top_k(translators.logits(model, layer_states, layer), top_k)
+            ids.append(np.array(layer_ids).astype(np.int32))
+            scores.append(np.array(layer_scores))
+        ids = np.stack(ids) if ids else np.zeros((0, len(chosen), top_k), np.int32)
+        scores = np.stack(scores) if scores else np.zeros((0, len(chosen), top_k), np.float32)
     result = LogitLens(layers, chosen, model.token_strings([tokens[p] for p in chosen]), ids, scores,
                        token_texts(model, ids), single=single)
     if plot or save_path is not None:
         path = result.save_plot(save_path, max_display_tokens=max_display_tokens, figsize=figsize, cmap=cmap)
         print(f"Saved the logit lens heatmap to {path}")
     return result
+
+
+# Logits one decoding step may hold (float32 bytes): the lens decodes every (layer, position) row
+# through one unembedding matmul per step instead of one per layer.
+LENS_STEP_BYTES = 256 * 2**20
+
+
+def _decode_top_k(model, states: mx.array, top_k: int) -> Tuple[np.ndarray, np.ndarray]:
+    """Top-k ids and logits of each row of ``states`` ``(n, hidden)``, decoded in steps of bounded memory."""
+    vocab = model.embedding_rows or 1
+    step = max(1, LENS_STEP_BYTES // (4 * vocab))
+    ids, scores = [], []
+    for start in range(0, states.shape[0], step):
+        step_ids, step_scores = _top_k(unembed(model, states[start:start + step]), top_k)
+        ids.append(np.array(step_ids).astype(np.int32))
+        scores.append(np.array(step_scores))
+    return np.concatenate(ids), np.concatenate(scores)
 
 
 def _lens_translators(model, lens: str, translators):
@@ -256,30 +281,8 @@ def activation_patching(model, clean_text, corrupted_text, component: Optional[s
         position_list = [_check_position(p, length) for p in _as_list(positions)]
 
     jobs = [(layer, position) for layer in layers for position in position_list]
-    if len(jobs) + 2 <= batch_size:
-        # One forward pass: row 0 clean, row 1 corrupted, row 2+i corrupted with jobs[i]
-        # patched from row 0 of the same module (the clean run happens once, in the batch).
-        batch = mx.array([clean_tokens] + [corrupted_tokens] * (len(jobs) + 1))
-        patches = _row_patches(jobs, names, first_row=2, source=lambda layer: None)
-        last = _last_logits(model, batch, combined(interventions, patches, resolve=model.expand), should_stop)
-        clean_last, corrupted_last, patched_last = last[0], last[1], last[2:]
-    else:
-        # The clean run, once, then batches of the corrupted prompt; row 0 of the first is unpatched.
-        with model.trace([clean_tokens], capture=list(names.values()), interventions=interventions,
-                         should_stop=should_stop) as tr:
-            clean = {layer: tr.save(names[layer]) for layer in layers}
-            clean_logits = model.output.save()
-        clean_last = clean_logits[0, -1].astype(mx.float32)
-        pending = [None] + jobs
-        pieces = []
-        for start in range(0, len(pending), batch_size):
-            chunk = pending[start:start + batch_size]
-            batch = mx.array([corrupted_tokens] * len(chunk))
-            patches = _row_patches([j for j in chunk if j is not None], names,
-                                   first_row=1 if chunk[0] is None else 0, source=clean.get)
-            pieces.append(_last_logits(model, batch, combined(interventions, patches, resolve=model.expand), should_stop))
-        last = mx.concatenate(pieces, axis=0)
-        corrupted_last, patched_last = last[0], last[1:]
+    clean_last, corrupted_last, patched_last = _patched_last_logits(
+        model, clean_tokens, corrupted_tokens, jobs, names, interventions, should_stop, batch_size)
 
     scores = _recovery(metric, clean_last, corrupted_last, patched_last,
                        _answer_ids(model, answers) if metric == "logit_diff" else None)
@@ -321,11 +324,119 @@ def _row_patches(jobs, names, first_row: int, source) -> Dict[str, object]:
     return patches
 
 
-def _last_logits(model, batch: mx.array, interventions, should_stop=None) -> mx.array:
-    """Float32 logits at the last position of each row of ``batch`` under ``interventions``."""
-    with model.trace(batch, interventions=interventions, capture=[], should_stop=should_stop):
+# Bytes the rows of one patching pass may take; None: as much as the model's weights (at least
+# 256 MiB), which keeps a sweep's peak memory within about twice that of one plain forward pass.
+patch_budget_bytes: Optional[int] = None
+
+
+class _NotLayerByLayer(Exception):
+    """The model does not run its layers one after another on one batch; rows cannot join mid-way."""
+
+
+def _patched_last_logits(model, clean_tokens, corrupted_tokens, jobs, names, interventions, should_stop,
+                         batch_size: int) -> Tuple[mx.array, mx.array, mx.array]:
+    """Float32 last-position logits of the clean run, the corrupted run and each job's patched run.
+
+    Each pass is one batched forward pass: row 0 the clean prompt, row 1 the corrupted one, then one
+    row per job (layer, position), patched from row 0 of the same module. A job's row joins the
+    batch at its layer's input as a copy of row 1 there, since the layers before it would compute
+    the same values for it as for the corrupted row; and the logits are computed at the last
+    position only, the one the metric reads. A pass holds at most ``batch_size`` rows and what
+    ``patch_budget_bytes`` allows; jobs go to passes in layer order.
+    """
+    per_pass = max(1, min(batch_size, _rows_within_budget(model, len(clean_tokens))) - 2)
+    # A model split across processes runs the plain way: every row from the first layer, all positions.
+    join_late = last_only = model.distributed_group is None
+    last_only = last_only and _only_inside_layers(model, interventions)
+    order = sorted(range(len(jobs)), key=lambda i: jobs[i][0])
+    patched = [None] * len(jobs)
+    clean_last = corrupted_last = None
+    for start in range(0, len(order), per_pass):
+        chunk = order[start:start + per_pass]
+        last = None
+        if join_late or last_only:
+            try:
+                last = _patch_pass(model, clean_tokens, corrupted_tokens, [jobs[i] for i in chunk], names,
+                                   interventions, should_stop, join_late, last_only)
+            except (ValueError, _NotLayerByLayer):
+                # An architecture whose layers take per-row inputs besides the hidden state (or do not
+                # run once each, in order): every row from the first layer, logits everywhere.
+                join_late = last_only = False
+        if last is None:
+            last = _patch_pass(model, clean_tokens, corrupted_tokens, [jobs[i] for i in chunk], names,
+                               interventions, should_stop, False, False)
+        mx.eval(last)
+        if clean_last is None:
+            clean_last, corrupted_last = last[0], last[1]
+        for row, i in enumerate(chunk):
+            patched[i] = last[2 + row]
+    return clean_last, corrupted_last, mx.stack(patched) if patched else mx.zeros((0,) + clean_last.shape)
+
+
+def _patch_pass(model, clean_tokens, corrupted_tokens, jobs, names, interventions, should_stop,
+                join_late: bool, last_only: bool) -> mx.array:
+    """One forward pass of clean, corrupted and ``jobs`` (sorted by layer) rows: float32 logits (rows, vocab)."""
+    layer_names = model.names.layer_names
+    from_start = [job for job in jobs if not join_late or job[0] == 0]
+    joining: Dict[int, int] = {}
+    if join_late:
+        for layer, _ in jobs:
+            if layer > 0:
+                joining[layer] = joining.get(layer, 0) + 1
+    growth = {}
+    rows_before = 2 + len(from_start)
+    for layer in sorted(joining):
+        growth[layer_names[layer - 1]] = _join_rows(rows_before, joining[layer])
+        rows_before += joining[layer]
+    cut = {layer_names[-1]: lambda a: a[:, -1:]} if last_only else {}
+    batch = mx.array([clean_tokens] + [corrupted_tokens] * (1 + len(from_start)))
+    patches = _row_patches(jobs, names, first_row=2, source=lambda layer: None)
+    changes = combined(interventions, patches, growth, cut, resolve=model.expand)
+    with model.trace(batch, interventions=changes, capture=[], should_stop=should_stop, keep="saved"):
         logits = model.output.save()
+    if logits.ndim < 2 or logits.shape[0] != 2 + len(jobs):
+        raise _NotLayerByLayer(f"{logits.shape[0]} rows came out of a pass of {2 + len(jobs)}")
     return logits[:, -1].astype(mx.float32)
+
+
+def _join_rows(expected: int, count: int):
+    """Layer output -> the same with ``count`` copies of row 1 (the corrupted run) appended."""
+    calls = []
+
+    def join(activation: mx.array) -> mx.array:
+        calls.append(1)
+        if len(calls) > 1 or activation.shape[0] != expected:
+            raise _NotLayerByLayer("a layer ran twice or on another batch")
+        copies = mx.broadcast_to(activation[1:2], (count,) + activation.shape[1:])
+        return mx.concatenate([activation, copies], axis=0)
+
+    return join
+
+
+def _only_inside_layers(model, interventions) -> bool:
+    """True when no intervention acts after the last layer (on the final norm, unembedding or logits),
+    so those may run at the last position only."""
+    layer_names = model.names.layer_names
+    embed = model.names.find("embed")
+    for key in (interventions or {}):
+        for name in model.expand(key):
+            if name != embed and not any(name == n or name.startswith(n + ".") for n in layer_names):
+                return False
+    return True
+
+
+def _rows_within_budget(model, length: int) -> int:
+    """How many prompt rows of ``length`` tokens one pass may hold within ``patch_budget_bytes``."""
+    params = model.parameters()
+    budget = patch_budget_bytes
+    if budget is None:
+        budget = max(sum(v.nbytes for v in params.values()), 256 * 2**20)
+    itemsize = next((v.dtype.size for v in params.values() if mx.issubdtype(v.dtype, mx.floating)), 4)
+    hidden = model.hidden_size or 1024
+    # The widest activations of a layer (an MLP ~4x wide, gate and up, the residual) per token, and
+    # attention scores in float32 where attention is not fused (heads ~ hidden / 64).
+    per_row = length * hidden * 16 * itemsize + max(1, hidden // 64) * length * length * 4
+    return max(3, int(budget // per_row))
 
 
 def _recovery(metric, clean, corrupted, patched, answers) -> mx.array:

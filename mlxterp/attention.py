@@ -271,3 +271,35 @@ def _model_args(model):
 
 def _architecture_name(model) -> Optional[str]:
     return getattr(_model_args(model), "model_type", None)
+
+
+# -- where the tokens are in a module's output -----------------------------------------
+
+def is_rotary(module) -> bool:
+    """Whether ``module`` is a rotary position embedding (mlx's ``nn.RoPE`` or one of mlx-lm's
+    RoPE variants), which attention applies to ``(batch, heads, tokens, head_dim)`` arrays."""
+    import mlx.nn as nn
+
+    if isinstance(module, nn.RoPE):
+        return True
+    return any("rope" in cls.__name__.lower() or "rotary" in cls.__name__.lower() for cls in type(module).__mro__)
+
+
+def token_axis(model, full_name: str, shape: Sequence[int], tokens: int) -> int:
+    """The axis of the tokens in the output (``shape``, batch first) of module ``full_name``,
+    from the module's known layout: ``(batch, heads, tokens, head_dim)`` for RoPE, which
+    attention calls after splitting heads; ``(batch, tokens, ...)`` for the logits and every
+    module called on the hidden states. Raises MlxterpError when the output does not have
+    that layout (its token axis is not known), rather than guessing from a length."""
+    module = None if full_name == "output" else model.names.modules.get(full_name)
+    short = model.short_name(full_name)
+    if module is not None and is_rotary(module):
+        axis, layout = len(shape) - 2, "(batch, heads, tokens, head_dim)"
+    else:
+        axis, layout = 1, "(batch, tokens, ...)"
+    if len(shape) < 2 or axis < 1 or shape[axis] != tokens:
+        raise MlxterpError(
+            f"the token axis of {short}'s output (shape {tuple(shape)}) is not known: positions select along the "
+            f"tokens of a {layout} output and this one does not have the input's {tokens} tokens there; "
+            f"use @ * for the whole output")
+    return axis

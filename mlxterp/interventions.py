@@ -6,8 +6,8 @@ factories of such functions for the common cases::
 
     from mlxterp import interventions as iv
 
-    iv.zero_out                  # a function itself
-    iv.scale(0.5)                # factories return a function
+    iv.zero_out()                # factories return a function (iv.zero_out itself works too)
+    iv.scale(0.5)
     iv.clamp(-1.0, 1.0)
     iv.noise(std=0.1, seed=0)
     iv.add_vector(steering_vector)
@@ -30,8 +30,15 @@ from .errors import MlxterpError
 Intervention = Callable[[mx.array], mx.array]
 
 
-def zero_out(activation: mx.array) -> mx.array:
-    """Replace the activation with zeros."""
+def zero_out(activation: Optional[mx.array] = None):
+    """Replace the activation with zeros.
+
+    Like the other factories, ``zero_out()`` returns the intervention; ``zero_out`` itself is
+    that intervention too, so ``{"layers.4": iv.zero_out}`` and ``{"layers.4": iv.zero_out()}``
+    do the same.
+    """
+    if activation is None:
+        return zero_out
     return mx.zeros_like(activation)
 
 
@@ -203,10 +210,29 @@ def compose(*steps: Intervention) -> Compose:
 
 
 def _number(value, what: str) -> float:
+    if hasattr(value, "shape") and getattr(value, "ndim", 0) > 0:
+        # An array here is an activation: the factory itself was given as the intervention.
+        raise MlxterpError(f"{what} must be a number, got an array of shape {tuple(value.shape)}: was the factory "
+                           "passed uncalled? Call it: iv.scale(0.5), not iv.scale")
     try:
         return float(value)
     except (TypeError, ValueError):
         raise MlxterpError(f"{what} must be a number, got {value!r}") from None
+
+
+# Factories that must be called to give an intervention, with an example call for the hint.
+FACTORY_EXAMPLES = {"scale": "scale(0.5)", "clamp": "clamp(-1.0, 1.0)", "noise": "noise(std=0.1)",
+                    "add_vector": "add_vector(vector)", "replace_with": "replace_with(clean_activation)",
+                    "replace_rows": "replace_rows(replacement, rows)", "compose": "compose(f, g).build()",
+                    "chain": "chain(f, g)"}
+
+
+def uncalled_factory(key, change) -> None:
+    """Raise when ``change`` is one of this module's factories given without calling it."""
+    name = getattr(change, "__name__", None)
+    if name in FACTORY_EXAMPLES and globals().get(name) is change:
+        raise MlxterpError(f"the intervention for {key!r} is the factory iv.{name} itself, not an intervention; "
+                           f"call it: iv.{FACTORY_EXAMPLES[name]}")
 
 
 def _broadcast_like(replacement: mx.array, activation: mx.array, who: str) -> mx.array:

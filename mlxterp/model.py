@@ -46,6 +46,9 @@ class InterpretableModel(TokenizerHelpers):
         self.distributed_group = self.pipeline_group or distributed.tensor_group(self.model)
         self.layers = LayerList(self)
         self.forward_count = 0
+        # Modules a forward pass calls more than once (RoPE on queries and on keys): {full name: calls}.
+        # A trace keeps the last call's output; traces fill this in as they meet such modules.
+        self.repeated_calls: dict[str, int] = {}
         self._active_trace: Trace | None = None
 
     # -- structure -------------------------------------------------------------
@@ -65,6 +68,25 @@ class InterpretableModel(TokenizerHelpers):
             return int(weight.shape[-1]) if weight is not None and weight.ndim == 2 else None
         return None
 
+    @property
+    def device(self) -> str:
+        """Where forward passes run (MLX's default device): ``"gpu (cuda: NVIDIA H200)"``,
+        ``"gpu (metal: Apple M2 Max)"``, ``"cpu (x86_64: ...)"``."""
+        device = mx.default_device()
+        if device.type == mx.gpu:
+            backend = "cuda" if hasattr(mx, "cuda") and mx.cuda.is_available() else "metal"
+        else:
+            backend = None
+        try:
+            info = mx.device_info(device)
+        except Exception:  # an MLX without device_info, or a backend that cannot say
+            info = {}
+        name = info.get("device_name")
+        kind = "gpu" if device.type == mx.gpu else "cpu"
+        where = backend or info.get("architecture")
+        detail = ": ".join(str(x) for x in (where, name) if x)
+        return f"{kind} ({detail})" if detail else kind
+
     @functools.cached_property
     def embedding_rows(self) -> int | None:
         """Rows of the input embedding (the valid token ids), or None for non-language models."""
@@ -75,6 +97,17 @@ class InterpretableModel(TokenizerHelpers):
         if isinstance(module, (nn.Embedding, nn.QuantizedEmbedding)):
             return int(module["weight"].shape[0])
         return None
+
+    @functools.cached_property
+    def recorded_by_default(self) -> frozenset[str]:
+        """What a plain trace records: modules holding other modules (the layers, their attention
+        and MLP blocks, the base model) and the embedding, final norm and unembedding. Leaves
+        inside the blocks are recorded on demand (see ``Trace``)."""
+        modules = self.names.modules
+        chosen = {full.rpartition(".")[0] for full in modules} & set(modules)
+        chosen |= set(self.names.layer_names)
+        chosen |= {self.names.find(role) for role in ("embed", "norm", "lm_head")} - {None}
+        return frozenset(chosen - {"model"})
 
     def resolve(self, name: str) -> str:
         """Full name for any module name: full, short (``layers.6.mlp``), alias (``attn``)."""

@@ -15,6 +15,9 @@ arrays) with these views of it:
   ``np.ndarray``; with ``text=True`` also the plain-text drawing), which
   ``Result.from_data`` / ``result_from_data`` turn back into the same object.
 
+A subclass of ``Result`` that sets its own ``kind`` class attribute is registered for
+``result_from_data`` by that kind (once its module is imported).
+
 This module imports only numpy at load time (rich when something is drawn), so a
 client that only draws results never loads mlx.
 """
@@ -106,6 +109,30 @@ def shorten(text: str, max_len: int) -> str:
     return text if len(text) <= max_len else text[: max(max_len - 1, 0)] + "…"
 
 
+PROMPT_SHOWN = 48  # characters of a prompt quoted in a result's header
+TOKENS_SHOWN = 16  # tokens listed where a prompt is set (the first 12 and the last 4 of a long one)
+
+
+def prompt_label(text: str, max_len: int = PROMPT_SHOWN) -> str:
+    """A prompt quoted for a header: whole when short, else its start and end around "…"."""
+    quoted = repr(text)
+    if len(quoted) <= max_len:
+        return quoted
+    keep = max(max_len - 3, 8)
+    head, tail = keep * 2 // 3, keep - keep * 2 // 3
+    return repr(text[:head]) [:-1] + "…" + repr(text[-tail:])[1:]
+
+
+def token_listing(tokens: list[str], max_shown: int = TOKENS_SHOWN) -> str:
+    """Tokens as one line; a long list shows its first and last ones and how many are between."""
+    labels = [token_label(t) for t in tokens]
+    if len(labels) <= max_shown:
+        return " ".join(labels)
+    tail = max_shown // 4
+    head = max_shown - tail
+    return " ".join(labels[:head]) + f" … ({len(labels) - head - tail} more) … " + " ".join(labels[-tail:])
+
+
 def colour_of(token_id: int) -> str:
     return PALETTE[int(token_id) % len(PALETTE)]
 
@@ -153,7 +180,208 @@ def _strings_from_data(data: dict) -> dict:
     return {int(i): t for i, t in zip(data["ids"], data["texts"])}
 
 
+# ---- tables that fit the width they are drawn at ----------------------------------------------
+
+WIDTH_HINT = "a wider terminal, --width N or --json shows them"
+CUT_HEADER = 10  # columns a header that may be cut keeps at most (when its cells are narrower)
+GRID_POSITIONS = 24  # a patching grid over more positions is shown as its strongest entries
+STRONGEST = 12  # entries shown of such a grid
+
+
+@dataclass
+class Column:
+    """One column of a ``FitTable``.
+
+    ``drop``: 0 for a column always shown; when the table is too wide, the columns with the
+    highest ``drop`` are left out first (the rightmost of equals first). ``shrink``: its cells
+    (token texts) may be cut with "…" down to ``min_width``; numbers and row labels never are.
+    """
+
+    header: object  # str or rich Text
+    justify: str = "left"
+    drop: int = 0
+    shrink: bool = False
+    min_width: int = 6
+    max_width: int | None = None  # of a shrinking column
+    cut_header: bool = False  # the header may be cut with "…" to the cells' width (a token under a number)
+    name: str = ""  # what notes call the column when its header is empty
+    wrap: bool = False  # its cells may wrap at spaces onto more lines (down to ``min_width``)
+
+
+def _cell_width(cell) -> int:
+    from rich.cells import cell_len
+
+    text = cell.plain if hasattr(cell, "plain") else str(cell)
+    return max((cell_len(line) for line in text.split("\n")), default=0)
+
+
+def _header_text(header) -> str:
+    return " ".join((header.plain if hasattr(header, "plain") else str(header)).split())
+
+
+def _common_ends(labels: list[str]) -> tuple[str, str]:
+    """The longest prefix and suffix (ending/starting at a "." or a space) that all labels share,
+    leaving every label something of its own."""
+    if len(labels) < 2:
+        return "", ""
+    prefix = os.path.commonprefix(labels)
+    cut = max(prefix.rfind("."), prefix.rfind(" "))
+    prefix = prefix[: cut + 1] if cut >= 0 else ""
+    rests = [label[len(prefix):] for label in labels]
+    suffix = os.path.commonprefix([r[::-1] for r in rests])[::-1]
+    cut = min((i for i in (suffix.find("."), suffix.find(" ")) if i >= 0), default=-1)
+    suffix = suffix[cut:] if cut >= 0 else ""
+    if suffix and any(len(r) <= len(suffix) for r in rests):
+        suffix = ""
+    if prefix and any(len(label) <= len(prefix) for label in labels):
+        prefix = ""
+    return prefix, suffix
+
+
+class FitTable:
+    """A table that fits the width it is drawn at, without cutting a row label or a number.
+
+    Too wide, it (1) leaves out the columns marked to go first, (2) drops the part of the row
+    labels they all share (``layers.`` … ``.mlp``: the column header says so), (3) leaves out
+    the other droppable columns, naming what it left out and where to see it; when even that
+    does not fit, each row is drawn as a block of ``column: value`` lines. The title is a line
+    of its own above the table, wrapped at the width rather than squeezed to the table's.
+    """
+
+    def __init__(self, columns: list[Column], rows: list[list], title=None, label: bool = True,
+                 notes: list | None = None):
+        self.columns = columns
+        self.rows = [[c if hasattr(c, "plain") else str(c) for c in row] for row in rows]
+        self.title = title
+        self.label = label  # the first column names the rows
+        self.notes = list(notes or [])
+
+    def __rich_console__(self, console, options):
+        from rich.text import Text
+
+        width = options.max_width
+        if self.title:
+            yield self.title if hasattr(self.title, "plain") else Text(str(self.title))
+        yield from self._fitted(width)
+        for note in self.notes:
+            yield note if hasattr(note, "plain") else Text(str(note), style="dim")
+
+    def _extent(self, index: int, rows, headers) -> tuple[int, int]:
+        """(least, most) columns that column ``index`` can be drawn in."""
+        column = self.columns[index]
+        header = _cell_width(headers[index])
+        if column.cut_header:
+            header = min(header, CUT_HEADER)
+        natural = max([header, 1] + [_cell_width(row[index]) for row in rows])
+        if column.shrink or column.wrap:
+            most = min(natural, column.max_width) if column.max_width else natural
+            return min(most, column.min_width), most
+        return natural, natural
+
+    def _allot(self, rows, headers, shown, width) -> dict[int, int]:
+        """Columns given to each shown column: the least each needs, then what is left shared
+        out among those that can use more."""
+        extents = {i: self._extent(i, rows, headers) for i in shown}
+        widths = {i: least for i, (least, _) in extents.items()}
+        spare = width - (sum(widths.values()) + 3 * len(shown) + 1)
+        growing = [i for i in shown if extents[i][1] > widths[i]]
+        while spare > 0 and growing:
+            for i in list(growing):
+                if spare <= 0:
+                    break
+                widths[i] += 1
+                spare -= 1
+                if widths[i] >= extents[i][1]:
+                    growing.remove(i)
+        return widths
+
+    def _fitted(self, width: int):
+        from rich.text import Text
+
+        rows, headers = self.rows, [c.header for c in self.columns]
+        shown = list(range(len(self.columns)))
+
+        def needed(rows, headers) -> int:
+            return sum(self._extent(i, rows, headers)[0] for i in shown) + 3 * len(shown) + 1
+
+        def drop_columns(at_least: int) -> None:
+            while needed(rows, headers) > width:
+                candidates = [i for i in shown if self.columns[i].drop >= at_least]
+                if not candidates:
+                    return
+                worst = max(candidates, key=lambda i: (self.columns[i].drop, i))
+                shown.remove(worst)
+
+        drop_columns(2)
+        if self.label and needed(rows, headers) > width:
+            rows, headers = self._shorter_labels(rows, headers)
+        drop_columns(1)
+        if needed(rows, headers) > width:
+            yield from self._records(rows, headers, width)
+            return
+        yield self._table(rows, headers, shown, self._allot(rows, headers, shown, width))
+        left_out = [i for i in range(len(self.columns)) if i not in shown]
+        if left_out:
+            names = ", ".join(_header_text(headers[i]) or self.columns[i].name or "(unnamed)" for i in left_out)
+            yield Text(f"not shown at {width} columns: {names}; {WIDTH_HINT}", style="dim")
+
+    def _shorter_labels(self, rows, headers):
+        from rich.text import Text
+
+        labels = [row[0].plain if hasattr(row[0], "plain") else str(row[0]) for row in rows]
+        prefix, suffix = _common_ends(labels)
+        if not prefix and not suffix:
+            return rows, headers
+        new_rows = []
+        for row, label in zip(rows, labels):
+            short = label[len(prefix): len(label) - len(suffix)]
+            style = row[0].style if hasattr(row[0], "style") else ""
+            new_rows.append([Text(short, style=style)] + list(row[1:]))
+        header = headers[0].plain if hasattr(headers[0], "plain") else str(headers[0])
+        shared = f"{prefix}…{suffix}"
+        return new_rows, [f"{header} {shared}".strip()] + list(headers[1:])
+
+    def _table(self, rows, headers, shown, widths):
+        from rich.table import Table
+        from rich.text import Text
+
+        table = Table()
+        for i in shown:
+            column = self.columns[i]
+            header = headers[i] if hasattr(headers[i], "plain") else Text(str(headers[i]))
+            if column.shrink or column.cut_header:
+                header = header.copy()
+                header.no_wrap, header.overflow = True, "ellipsis"
+            table.add_column(header, justify=column.justify, width=widths[i], no_wrap=not column.wrap,
+                             overflow="fold" if column.wrap else "ellipsis")
+        for row in rows:
+            cells = []
+            for i in shown:
+                cell = row[i] if hasattr(row[i], "plain") else Text(str(row[i]))
+                if self.columns[i].shrink:
+                    cell = cell.copy()
+                    cell.no_wrap, cell.overflow = True, "ellipsis"
+                cells.append(cell)
+            table.add_row(*cells)
+        return table
+
+    def _records(self, rows, headers, width):
+        """Each row as a block: its label, then one ``column: value`` line per other column."""
+        from rich.text import Text
+
+        names = [_header_text(h) for h in headers]
+        for row in rows:
+            first = row[0] if hasattr(row[0], "plain") else Text(str(row[0]))
+            yield Text(f"{names[0]}: " if names[0] else "", style="bold") + first if self.label else Text("─" * 3)
+            for name, cell in zip(names[self.label:], row[self.label:]):
+                cell = cell if hasattr(cell, "plain") else Text(str(cell))
+                yield Text(f"  {name or '·'}: ") + cell
+
+
 # ---- the base ---------------------------------------------------------------------------------
+
+COMMON_KEYS = ("kind", "notes", "summary", "text")  # what to_data() puts in every result
+BY_KIND: dict = {}  # kind -> the Result class that rebuilds it (every subclass naming its own kind)
 
 
 @dataclass(eq=False)
@@ -162,6 +390,15 @@ class Result:
 
     notes: list[str] = field(default_factory=list, kw_only=True)
     kind = "result"
+
+    def __init_subclass__(cls, **kwargs):
+        # A class naming its own kind is what result_from_data rebuilds for that kind. The generic
+        # TextResult/TableResult/ValuesResult have kind as a field (one class, many kinds):
+        # result_from_data knows them by their fields.
+        super().__init_subclass__(**kwargs)
+        own_field = "kind" in cls.__dict__.get("__annotations__", {})
+        if isinstance(cls.__dict__.get("kind"), str) and not own_field:
+            BY_KIND[cls.kind] = cls
 
     def data(self) -> dict:
         """The result's own fields as plain data (arrays as np.ndarray)."""
@@ -303,16 +540,13 @@ class TableResult(Result):
                    title=data.get("title", ""), fields=rest, **_common(data))
 
     def body(self):
-        from rich.table import Table
         from rich.text import Text
 
-        table = Table(title=Text(self.title) if self.title else None, title_justify="left")
-        for index, column in enumerate(self.columns):
-            numeric = self.rows and isinstance(self.rows[0][index], (int, float))
-            table.add_column(column, justify="right" if numeric else "left")
-        for row in self.rows:
-            table.add_row(*[Text(number(v) if isinstance(v, float) else str(v)) for v in row])
-        return table
+        columns = [Column(name, justify="right" if self.rows and isinstance(self.rows[0][index], (int, float))
+                          and not isinstance(self.rows[0][index], bool) else "left")
+                   for index, name in enumerate(self.columns)]
+        rows = [[Text(number(v) if isinstance(v, float) else str(v)) for v in row] for row in self.rows]
+        return FitTable(columns, rows, title=Text(self.title) if self.title else None)
 
     def short(self):
         if self.kind == "tokens":
@@ -382,21 +616,22 @@ class ActivationStats(Result, Mapping):
 def stats_table(title: str, entries):
     """The stats table drawn for ``stats`` and ``save``: (label, stats, array or None) per row;
     an array adds its sparkline before the first values."""
-    from rich.table import Table
     from rich.text import Text
 
-    table = Table(title=Text(title) if title else None, title_justify="left")
-    for column in ("", "shape", "norm", "mean", "std", "min", "max", "values"):
-        table.add_column(column, justify="left" if column in ("", "values") else "right")
+    columns = [Column(""), Column("shape", "right", drop=1)]
+    columns += [Column(name, "right", drop=0 if name in ("norm", "mean") else 1) for name in ("norm", "mean", "std", "min",
+                                                                                            "max")]
+    columns += [Column("values", drop=2, wrap=True, min_width=16)]
+    rows = []
     for label, s, array in entries:
         count = int(np.prod(s["shape"])) if s["shape"] else 1
         first = " ".join(number(v) for v in s["first"][:4]) + (" …" if count > 4 else "")
         values = Text(first)
         if array is not None:
-            values = Text(sparkline(array), style="cyan") + Text(" " + first)
-        table.add_row(Text(str(label)), str(tuple(s["shape"])), number(s["norm"]), number(s["mean"]),
-                      number(s["std"]), number(s["min"]), number(s["max"]), values)
-    return table
+            values = Text(sparkline(array, width=16), style="cyan") + Text(" " + first)
+        rows.append([Text(str(label)), str(tuple(s["shape"])), number(s["norm"]), number(s["mean"]),
+                     number(s["std"]), number(s["min"]), number(s["max"]), values])
+    return FitTable(columns, rows, title=Text(title) if title else None)
 
 
 @dataclass(eq=False)
@@ -522,14 +757,11 @@ class TokenPredictions(Result, Sequence):
         from rich.table import Table
         from rich.text import Text
 
-        table = Table(title_justify="left")
-        table.add_column("")
         k = min(self.ids.shape[1] if self.ids.ndim == 2 else 0, SHOWN_RANKS)
-        for rank in range(k):
-            table.add_column(f"top {rank + 1}")
-        for label, predictions in self.rows:
-            table.add_row(Text(label), *[Text(f"{token_label(t)} {s:.2f}", style=colour_of(i))
-                                         for i, s, t in predictions[:k]])
+        columns = [Column("")] + [Column(f"top {rank + 1}", drop=rank) for rank in range(k)]
+        rows = [[Text(label)] + [Text(f"{token_label(t)} {s:.2f}", style=colour_of(i)) for i, s, t in predictions[:k]]
+                for label, predictions in self.rows]
+        table = FitTable(columns, rows)
         if self.ids.ndim == 2 and self.ids.shape[1] > k:
             return Group(table, Text(f"showing the top {k} of {self.ids.shape[1]}; all are in the result's data "
                                      "(--json, to_data())", style="dim"))
@@ -623,33 +855,29 @@ class LogitLens(Result, LayerMapping):
         if len(self.positions) == 1:
             shown = min(k, SHOWN_RANKS)
             title = Text(f"logit lens at position {self.positions[0]} ({token_label(self.tokens[0])})")
-            table = Table(title=title, title_justify="left")
-            table.add_column("layer", justify="right")
-            for rank in range(shown):
-                table.add_column(f"top {rank + 1}")
-            for layer, row in zip(self.layers, self.top(shown)):
-                table.add_row(str(layer), *[Text(f"{token_label(t)} {s:.2f}", style=colour_of(i))
-                                            for i, s, t in row[0]])
+            columns = [Column("layer", "right")] + [Column(f"top {rank + 1}", drop=rank) for rank in range(shown)]
+            rows = [[str(layer)] + [Text(f"{token_label(t)} {s:.2f}", style=colour_of(i)) for i, s, t in row[0]]
+                    for layer, row in zip(self.layers, self.top(shown))]
         else:
-            # In a narrow terminal the token columns shrink (their cells end in "…"); the layer
-            # column never does. Rich only shrinks columns that may wrap, so the token columns
-            # may, and their cells themselves do not.
+            # Too narrow, the token cells are cut ("…") and then the first positions left out
+            # (named under the table); the layer column never is.
             shown = min(k, GRID_RANKS)
             what = "top token" if shown == 1 else f"top {shown} tokens"
-            table = Table(title=f"logit lens: {what} per layer (rows) and position (columns)", title_justify="left")
-            table.add_column("layer", justify="right", no_wrap=True,
-                             min_width=max((len(str(layer)) for layer in self.layers), default=1))
-            for position, token in zip(self.positions, self.tokens):
-                header = Text(f"{position}\n{token_label(token)}", no_wrap=True, overflow="ellipsis")
-                table.add_column(header, max_width=14, overflow="ellipsis")
+            title = Text(f"logit lens: {what} per layer (rows) and position (columns)")
+            n = len(self.positions)
+            columns = [Column("layer", "right")] + [
+                Column(Text(f"{position}\n{token_label(token)}"), shrink=True, max_width=14, drop=n - index)
+                for index, (position, token) in enumerate(zip(self.positions, self.tokens))]
+            rows = []
             for layer, row in zip(self.layers, self.top(shown)):
                 cells = []
                 for cell in row:
-                    text = Text(no_wrap=True, overflow="ellipsis")
+                    text = Text()
                     for rank, (i, _, t) in enumerate(cell):
                         text.append(("\n" if rank else "") + token_label(t), style=colour_of(i))
                     cells.append(text)
-                table.add_row(str(layer), *cells)
+                rows.append([str(layer)] + cells)
+        table = FitTable(columns, rows, title=title)
         parts = [table]
         if k > shown:
             parts.append(Text(f"showing the top {shown} of {k} per cell; all {k} are in the result's data "
@@ -743,35 +971,52 @@ class ActivationPatching(Result, LayerMapping):
         return table
 
     def bars(self):
-        from rich.table import Table
         from rich.text import Text
 
-        table = Table(title=self.title("per layer"), title_justify="left")
-        table.add_column("layer", justify="right")
-        table.add_column("recovery", justify="right")
-        table.add_column("")
         finite = [abs(float(v)) for v in self.percent if math.isfinite(v)]
         scale = max(finite + [1e-9])
+        rows = []
         for layer, value in zip(self.layers, self.percent.tolist()):
             width = int(round(abs(value) / scale * 30)) if math.isfinite(value) else 0
-            table.add_row(str(layer), f"{value:+.1f}%", Text("█" * width, style="green" if value >= 0 else "red"))
-        return table
+            rows.append([str(layer), f"{value:+.1f}%", Text("█" * width, style="green" if value >= 0 else "red")])
+        columns = [Column("layer", "right"), Column("recovery", "right"), Column("", drop=1, name="bars")]
+        return FitTable(columns, rows, title=self.title("per layer"))
+
+    def position_label(self, index: int) -> str:
+        clean = self.tokens[index] if self.tokens else ""
+        corrupt = self.corrupt_tokens[index] if self.corrupt_tokens else clean
+        return token_label(clean) if clean == corrupt else f"{token_label(clean)}/{token_label(corrupt)}"
 
     def grid(self):
-        from rich.table import Table
         from rich.text import Text
 
-        table = Table(title=self.title("per layer (rows) and position (columns)"), title_justify="left")
-        table.add_column("layer", justify="right", no_wrap=True)
-        for index, position in enumerate(self.positions):
-            clean = self.tokens[index] if self.tokens else ""
-            corrupt = self.corrupt_tokens[index] if self.corrupt_tokens else clean
-            label = token_label(clean) if clean == corrupt else f"{token_label(clean)}/{token_label(corrupt)}"
-            table.add_column(Text(f"{position}\n{label}" if self.tokens else str(position), no_wrap=True,
-                                  overflow="ellipsis"), justify="right", max_width=14, overflow="ellipsis")
-        for layer, row in zip(self.layers, self.percent.tolist()):
-            table.add_row(str(layer), *[Text(f"{v:+.1f}", style=recovery_style(v)) for v in row])
-        return table
+        if len(self.positions) > GRID_POSITIONS:
+            return self.strongest()
+        n = len(self.positions)
+        columns = [Column("layer", "right")] + [
+            Column(Text(f"{position}\n{self.position_label(index)}" if self.tokens else str(position)), "right",
+                   drop=n - index, cut_header=True) for index, position in enumerate(self.positions)]
+        rows = [[str(layer)] + [Text(f"{v:+.1f}", style=recovery_style(v)) for v in row]
+                for layer, row in zip(self.layers, self.percent.tolist())]
+        return FitTable(columns, rows, title=self.title("per layer (rows) and position (columns)"))
+
+    def strongest(self):
+        """A grid too large to read, as its strongest entries (largest |recovery|) and where the rest are."""
+        from rich.text import Text
+
+        cells = [(float(v), layer, index) for layer, row in zip(self.layers, self.percent.tolist())
+                 for index, v in enumerate(row) if math.isfinite(v)]
+        cells.sort(key=lambda cell: -abs(cell[0]))
+        rows = [[str(layer), str(self.positions[index]), Text(self.position_label(index)) if self.tokens else "",
+                 Text(f"{v:+.1f}%", style=recovery_style(v))] for v, layer, index in cells[:STRONGEST]]
+        columns = [Column("layer", "right"), Column("position", "right"),
+                   Column("token", shrink=True, max_width=24, min_width=8), Column("recovery", "right")]
+        total = len(self.layers) * len(self.positions)
+        note = Text(f"the {min(STRONGEST, len(cells))} strongest of {total} entries ({len(self.layers)} layers x "
+                    f"{len(self.positions)} positions); `plot` draws them all, --json (to_data()) has every value",
+                    style="dim")
+        return FitTable(columns, rows, title=self.title("per layer and position: strongest entries"), label=False,
+                        notes=[note])
 
     def best(self):
         """(layer, position or None, value) of the highest finite recovery, or None."""
@@ -843,17 +1088,17 @@ class AttentionPatterns(Result, LayerMapping):
         from rich.table import Table
         from rich.text import Text
 
-        table = Table(title="attention from the last position: the key each head attends most",
-                      title_justify="left")
-        for column in ("layer", "shape", "head", "key", "probability", "last row"):
-            table.add_column(column, justify="right" if column in ("layer", "head", "probability") else "left")
+        columns = [Column("layer", "right"), Column("shape", drop=1), Column("head", "right"), Column("key"),
+                   Column("probability", "right"), Column("last row", drop=2)]
+        rows = []
         for layer in self.layers:
             shape = str(tuple(self[layer].shape))
             last = as_numpy(self[layer])[0, :, -1, :]
             for head, key, probability in self.strongest(layer):
-                table.add_row(str(layer), shape if head == 0 else "", str(head), self._key_label(key),
-                              f"{probability:.3f}", Text(sparkline(last[head], width=32), style="cyan"))
-        return table
+                rows.append([str(layer) if head == 0 else "", shape if head == 0 else "", str(head), self._key_label(key),
+                             f"{probability:.3f}", Text(sparkline(last[head], width=32), style="cyan")])
+        return FitTable(columns, rows, title=Text("attention from the last position: the key each head attends most"),
+                        label=False)
 
     def short(self):
         if not self.layers:
@@ -867,10 +1112,6 @@ class AttentionPatterns(Result, LayerMapping):
 
 
 # ---- rebuilding ---------------------------------------------------------------------------------------
-
-COMMON_KEYS = ("kind", "notes", "summary", "text")  # what to_data() puts in every result
-BY_KIND = {cls.kind: cls for cls in (LogitLens, TokenPredictions, ActivationPatching, ActivationStats,
-                                     AttentionPatterns)}
 
 
 def result_from_data(data: dict) -> Result:

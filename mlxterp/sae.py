@@ -31,17 +31,16 @@ activation is its size in the (scaled) residual stream.
 """
 
 import json
-import math
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Optional, Sequence
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
 from .errors import InputError
-from .training import ActivationRows, FieldResult, collect_tokens, train_loop
+from .lens_sae_results import ActiveFeatures, FeatureExample, FeatureExamples, SAEMetrics
+from .training import ActivationRows, collect_tokens, train_loop
 
 KINDS = ("topk", "batchtopk", "relu")
 CONFIG_FILE = "config.json"
@@ -57,7 +56,7 @@ class SparseAutoencoder(nn.Module):
     """
 
     def __init__(self, d_model: int, n_features: int, kind: str = "topk", k: int = 16,
-                 l1_coefficient: float = 1e-3, module: Optional[str] = None, seed: int = 0):
+                 l1_coefficient: float = 3e-3, module: Optional[str] = None, seed: int = 0):
         super().__init__()
         if kind not in KINDS:
             raise InputError(f"unknown SAE kind {kind!r}; choose one of {', '.join(KINDS)}")
@@ -234,13 +233,15 @@ def train_sae(data, *, key: str, kind: str = "topk", expansion: int = 4, n_featu
         loss = mx.mean(mx.sum(mx.square(reconstruction - x), axis=-1)) / d_model
         if sae.kind == "relu":
             return loss + sae.l1_coefficient * mx.mean(mx.sum(features, axis=-1)), loss
-        dead = sae.tokens_since_fired >= dead_after_tokens
+        dead = sae.tokens_since_fired >= dead_after_tokens  # not trained, so a plain array here
+        if aux_coefficient == 0 or not mx.any(dead).item():
+            return loss, loss
         dead_pre = pre * dead
         cutoff = mx.stop_gradient(mx.min(mx.topk(dead_pre, aux_k, axis=-1), axis=-1, keepdims=True))
         revived = dead_pre * mx.logical_and(dead_pre >= cutoff, dead_pre > 0)
         missed = mx.stop_gradient(x - reconstruction)
         aux = mx.sum(mx.square(revived @ sae.W_dec - missed)) / mx.maximum(mx.sum(mx.square(missed)), 1e-12)
-        return loss + aux_coefficient * mx.any(dead) * aux, loss
+        return loss + aux_coefficient * aux, loss
 
     def after_step(sae, batch):
         sae.W_dec = sae.W_dec / mx.maximum(mx.linalg.norm(sae.W_dec, axis=-1, keepdims=True), 1e-8)
@@ -273,47 +274,6 @@ def _initialise_from_data(sae: SparseAutoencoder, rows: ActivationRows, key: str
 
 
 # -- evaluation -------------------------------------------------------------------------
-
-@dataclass(eq=False)
-class SAEMetrics(FieldResult):
-    """How well an SAE reconstructs its module: on collected activations and spliced into the model.
-
-    ``explained_variance``: ``1 - sum ||x - x_hat||^2 / sum ||x - mean x||^2``.
-    ``l0``: mean number of active features per token. ``dead_features``: features that
-    never fired on these tokens. ``loss_recovered``: ``(CE_zero - CE_sae) / (CE_zero - CE_clean)``,
-    next-token cross-entropy with the module's output zeroed, replaced by the SAE's
-    reconstruction, and untouched (1 = the SAE loses nothing the model uses).
-    """
-
-    explained_variance: float
-    l0: float
-    dead_features: int
-    n_features: int
-    n_tokens: int
-    ce_clean: Optional[float] = None
-    ce_sae: Optional[float] = None
-    ce_zero: Optional[float] = None
-    loss_recovered: Optional[float] = None
-
-    kind = "sae_metrics"
-    columns = ("metric", "value")
-
-    def rows(self):
-        rows = [("explained variance", f"{self.explained_variance:.4f}"), ("L0", f"{self.l0:.2f}"),
-                ("dead features", f"{self.dead_features} of {self.n_features}"), ("tokens", self.n_tokens)]
-        if self.loss_recovered is not None:
-            rows += [("cross-entropy clean / SAE / zeroed",
-                      f"{self.ce_clean:.4f} / {self.ce_sae:.4f} / {self.ce_zero:.4f}"),
-                     ("loss recovered", f"{self.loss_recovered:.4f}")]
-        return rows
-
-    def short(self) -> str:
-        text = (f"explained variance {self.explained_variance:.3f}, L0 {self.l0:.1f}, "
-                f"{self.dead_features}/{self.n_features} dead")
-        if self.loss_recovered is not None:
-            text += f", loss recovered {self.loss_recovered:.3f}"
-        return text
-
 
 def evaluate_sae(sae: SparseAutoencoder, data, *, key: Optional[str] = None, model=None,
                  texts: Optional[Sequence] = None, batch_size: int = 1024) -> SAEMetrics:
@@ -394,49 +354,6 @@ def _key_of(sae) -> str:
 
 # -- features ---------------------------------------------------------------------------
 
-@dataclass
-class FeatureExample:
-    """One token where a feature fired: its activation, where it is, and the tokens around it."""
-
-    activation: float
-    prompt: int
-    position: int
-    before: List[str]
-    token: str
-    after: List[str]
-
-    def text(self) -> str:
-        return "".join(self.before) + f"[[{self.token}]]" + "".join(self.after)
-
-
-@dataclass(eq=False)
-class FeatureExamples(FieldResult):
-    """The top-activating tokens of each feature (``examples[feature]``, strongest first)."""
-
-    module: str
-    examples: Dict[int, List[FeatureExample]]
-    n_tokens: int = 0
-
-    kind = "feature_examples"
-    columns = ("feature", "activation", "context")
-
-    def rows(self):
-        return [(feature, f"{ex.activation:.3f}", ex.text())
-                for feature, items in self.examples.items() for ex in items]
-
-    def short(self) -> str:
-        return f"top-activating tokens of {len(self.examples)} features of {self.module} over {self.n_tokens} tokens"
-
-    def data(self) -> dict:
-        return {"module": self.module, "n_tokens": self.n_tokens,
-                "examples": {str(f): [vars(ex) for ex in items] for f, items in self.examples.items()}}
-
-    @classmethod
-    def from_data(cls, data: dict) -> "FeatureExamples":
-        examples = {int(f): [FeatureExample(**ex) for ex in items] for f, items in data["examples"].items()}
-        return cls(data["module"], examples, data.get("n_tokens", 0), notes=list(data.get("notes") or []))
-
-
 def top_activating_examples(model, sae: SparseAutoencoder, texts, features: Optional[Sequence[int]] = None,
                             top: int = 10, context: int = 4, batch_size: int = 32) -> FeatureExamples:
     """For each of ``features`` (default: all), the ``top`` tokens of ``texts`` where it fires most.
@@ -484,26 +401,6 @@ def top_activating_examples(model, sae: SparseAutoencoder, texts, features: Opti
                 [token_str(t) for t in ids[position + 1:position + 1 + context]]))
         examples[feature] = items
     return FeatureExamples(module, examples, n_tokens)
-
-
-@dataclass(eq=False)
-class ActiveFeatures(FieldResult):
-    """The most active features of ``module`` at one position of a prompt."""
-
-    module: str
-    position: int
-    token: str
-    features: List[int]
-    activations: List[float]
-
-    kind = "active_features"
-    columns = ("feature", "activation")
-
-    def rows(self):
-        return [(f, f"{a:.3f}") for f, a in zip(self.features, self.activations)]
-
-    def short(self) -> str:
-        return f"top {len(self.features)} features of {self.module} at position {self.position} ({self.token!r})"
 
 
 def active_features(model, sae: SparseAutoencoder, text, position: int = -1, top: int = 10,

@@ -1,8 +1,8 @@
 """Tracing: run the model once, recording (and optionally changing) module outputs.
 
 The model's forward pass is not rewritten. For the length of one forward pass
-the class of each recorded module gets a ``__call__`` that hands the module's
-calls to the active ``Recorder``; afterwards each class's own ``__call__`` is
+each recorded module's class is swapped for a subclass whose ``__call__``
+hands the call to the active ``Recorder``; afterwards the original classes are
 put back, so the model outside a forward pass is exactly the model the user
 gave us (same tree, same parameters, same types).
 
@@ -15,6 +15,7 @@ holds points back at it, so a dropped trace is freed without the garbage collect
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from collections.abc import Mapping
@@ -23,35 +24,47 @@ import mlx.core as mx
 import numpy as np
 
 from .errors import InputError, Interrupted, TraceError
+from .interventions import uncalled_factory
 from .naming import OUTPUT
 
 _active_recorder = None
 
 
-def recording_call(cls: type, original):
-    """The ``__call__`` that ``cls`` has while a traced forward pass runs.
+_traced_classes: dict[type, type] = {}
 
-    It records the calls of the modules the active recorder names, made on instances
-    whose type is exactly ``cls`` (a subclass calling ``super().__call__`` is recorded
-    once, by its own class); every other call goes straight to ``original``. This runs
-    once per module per forward pass: the common path is kept inline.
+
+def traced_class(cls: type) -> type:
+    """The subclass of ``cls`` whose calls go through the active recorder (cached).
+
+    Its ``__call__`` runs once per recorded module per forward pass, so the common
+    path (record the input and output, nothing else to do) is kept inline.
     """
+    sub = _traced_classes.get(cls)
+    if sub is None:
+        original = cls.__call__
 
-    def __call__(self, *args, **kwargs):
-        recorder = _active_recorder
-        if recorder is None or type(self) is not cls:
-            return original(self, *args, **kwargs)
-        name = recorder.names_by_id.get(id(self))
-        if name is None:
-            return original(self, *args, **kwargs)
-        if recorder.plain and args:
-            recorder.inputs[name] = args[0]
-            out = original(self, *args, **kwargs)
-            recorder.outputs[name] = out if type(out) is mx.array else _first_array(out)
-            return out
-        return recorder.call(self, name, original, args, kwargs)
+        def __call__(self, *args, **kwargs):
+            recorder = _active_recorder
+            if recorder is None:
+                return original(self, *args, **kwargs)
+            name = recorder.names_by_id.get(id(self))
+            if name is None:
+                return original(self, *args, **kwargs)
+            if recorder.plain and args:
+                recorder.inputs[name] = args[0]
+                out = original(self, *args, **kwargs)
+                if name in recorder.outputs:  # a second call in one pass (RoPE on queries, then keys)
+                    recorder.calls[name] = recorder.calls.get(name, 1) + 1
+                recorder.outputs[name] = out if type(out) is mx.array else _first_array(out)
+                return out
+            return recorder.call(self, name, original, args, kwargs)
 
-    return __call__
+        sub = type(cls.__name__, (cls,), {
+            "__call__": __call__, "__module__": cls.__module__, "__qualname__": cls.__qualname__,
+        })
+        _traced_classes[cls] = sub
+        _traced_classes[sub] = sub
+    return sub
 
 
 def _first_array(value):
@@ -79,6 +92,7 @@ class Recorder:
         self.stop_at = stop_at  # names where should_stop is asked (None: every recorded module)
         self.outputs: dict[str, mx.array] = {}
         self.inputs: dict[str, mx.array] = {}
+        self.calls: dict[str, int] = {}  # modules called more than once in the pass: how often (the last is kept)
         # Nothing to do but record: recording_call takes its inline path.
         self.plain = not interventions and should_stop is None and not self.eval_at
 
@@ -95,6 +109,8 @@ class Recorder:
         change = self.interventions.get(name)
         if change is not None:
             out = _replace_first(out, _apply(change, _first_array(out), name))
+        if name in self.outputs:
+            self.calls[name] = self.calls.get(name, 1) + 1
         self.outputs[name] = _first_array(out)
         if name in self.eval_at:
             mx.eval(self.outputs[name])  # so an interrupt lands between layers, not after the whole graph
@@ -108,38 +124,43 @@ def _apply(change, activation, name):
             f"the intervention on {name} returned {type(result).__name__}; "
             "an intervention is a function taking and returning an mx.array"
         )
+    # The batch may grow (a patching sweep adds rows at a layer); every other axis must stay.
+    if isinstance(activation, mx.array) and (result.ndim != activation.ndim or result.shape[1:] != activation.shape[1:]):
+        raise TraceError(
+            f"the intervention on {name} returned shape {tuple(result.shape)}, but {name}'s output has shape "
+            f"{tuple(activation.shape)}; an intervention must return an array of the output's shape"
+        )
     return result
 
 
 def run_forward(model, call, modules_to_record, interventions, should_stop=None, eval_at=(), stop_at=None):
     """Call ``call()`` with the given modules recorded; returns (output, recorder).
 
-    For the length of the call the classes of the recorded modules get a recording
-    ``__call__`` (a handful of classes, however many modules); afterwards each class is
-    exactly as it was.
+    Each recorded module's class is swapped for its traced subclass for the length of
+    the call (instances only: changing the classes themselves would throw away the
+    interpreter's attribute caches for all their code), then put back.
     """
     global _active_recorder
     if _active_recorder is not None:
         raise TraceError("a forward pass is already being traced; traces cannot run inside one another's forward pass")
     names_by_id = {id(module): name for name, module in modules_to_record}
     recorder = Recorder(names_by_id, interventions, should_stop, eval_at, stop_at)
-    classes = {type(module) for _, module in modules_to_record}
-    # Every class's own __call__ is read before any is replaced (a subclass may inherit its parent's).
-    originals = [(cls, cls.__dict__.get("__call__"), cls.__call__) for cls in classes]
-    patched = []
+    originals = []
+    # object.__setattr__: nn.Module.__setattr__ costs ~2 us a call in Python, twice per module per pass.
+    set_class = object.__setattr__
     try:
-        for cls, own, original in originals:
-            type.__setattr__(cls, "__call__", recording_call(cls, original))
-            patched.append((cls, own))
+        for _, module in modules_to_record:
+            cls = type(module)
+            sub = _traced_classes.get(cls)
+            if sub is not cls:
+                originals.append((module, cls))
+                set_class(module, "__class__", sub or traced_class(cls))
         _active_recorder = recorder
         output = call()
     finally:
         _active_recorder = None
-        for cls, own in patched:
-            if own is None:
-                type.__delattr__(cls, "__call__")
-            else:
-                type.__setattr__(cls, "__call__", own)
+        for module, cls in originals:
+            set_class(module, "__class__", cls)
     model.forward_count += 1
     return output, recorder
 
@@ -202,12 +223,24 @@ class _Store:
         self.shared: set = set()
         self.dropped: set = set()  # ("output"|"input", name) that ran but were not kept
         self.over_budget_mib: float | None = None  # set when the default keep= dropped outputs
+        self.lean = False  # recorded only model.recorded_by_default at first
+        self.record_all = None  # while lean and open: runs the pass again recording everything
+
+    def complete(self) -> None:
+        """A lean trace was asked for something it did not record: record everything (once)."""
+        record_all, self.record_all = self.record_all, None
+        outputs, inputs = record_all()
+        outputs.update(self.outputs)  # values already handed out stay the same objects
+        inputs.update(self.inputs)
+        self.outputs, self.inputs = outputs, inputs
 
     def read(self, name: str, what: str = "output"):
         """The value of full name ``name``; inside the block it is also marked saved."""
         group = self.model.pipeline_group
         if group is not None and self.open and (what, name) not in self.shared:
             self.share_from_owner(name, what, group)
+        if self.record_all is not None and name not in (self.inputs if what == "input" else self.outputs):
+            self.complete()
         if what == "input":
             if name not in self.inputs:
                 raise TraceError(self.missing(name, "input"))
@@ -241,6 +274,10 @@ class _Store:
                 message += (f"; this trace's outputs took {self.over_budget_mib:.0f} MiB, over the keep budget of "
                             f"{keep_budget_mib:g} MiB (mlxterp.trace.keep_budget_mib or MLXTERP_KEEP_BUDGET_MIB)")
             return message
+        if self.lean and not self.open and full in self.model.names.modules:
+            return (f"{short} was not recorded by this trace: a trace records the layers, their attention and MLP "
+                    f"blocks, the embedding and the final norm, and the rest when the block reads it; read it "
+                    f"inside the block (.{what}.save() or trace.activations[...]) or trace with keep='all'")
         if what == "input":
             return f"{short} received no recorded input in this trace"
         if self.capture is not None:
@@ -250,6 +287,7 @@ class _Store:
     def finish(self, ok: bool) -> None:
         """The block ended: keep what ``keep`` says, evaluate it, release the rest."""
         self.open = False
+        self.record_all = None
         outputs = self.outputs
         keep_all = ok and self.keep == "all"
         if ok and self.keep is None:
@@ -296,10 +334,15 @@ class Activations(Mapping):
         return self._store.read(self._store.model.resolve(name))
 
     def __iter__(self):
-        return iter(list(self._store.outputs))
+        return iter(list(self._every()))
 
     def __len__(self):
-        return len(self._store.outputs)
+        return len(self._every())
+
+    def _every(self) -> dict:
+        if self._store.record_all is not None:  # inside the block of a lean trace: every module's output
+            self._store.complete()
+        return self._store.outputs
 
     def __contains__(self, name):
         store = self._store
@@ -307,6 +350,8 @@ class Activations(Mapping):
             full = store.model.resolve(name)
         except Exception:
             return False
+        if store.record_all is not None and full not in store.outputs and full in store.model.names.modules:
+            store.complete()
         # Pipeline-sharded: a module another process ran is here once shared (see _Store.read).
         return full in store.outputs or (store.open and full in store.recorded_anywhere)
 
@@ -368,13 +413,21 @@ class Trace:
         for key, change in self.interventions.items():
             if not callable(change):
                 raise TraceError(f"the intervention for {key!r} is {type(change).__name__}, not a function array -> array")
+            uncalled_factory(key, change)
             for full in model.expand(key):
                 if full in interventions:
                     first = interventions[full]
                     interventions[full] = lambda a, f=first, g=change: g(f(a))
                 else:
                     interventions[full] = change
-        if self.capture is None:
+        # A plain trace records the blocks first; the first read of anything else in the block
+        # runs the pass again recording everything (exact: with no interventions and no
+        # should_stop the pass is deterministic; values already read are kept as they are).
+        lean = (self.capture is None and self.keep != "all" and not interventions and self.should_stop is None
+                and model.distributed_group is None)
+        if lean:
+            record = set(model.recorded_by_default)
+        elif self.capture is None:
             record = set(model.names.modules) - {"model"}
         else:
             patterns = [self.capture] if isinstance(self.capture, str) else list(self.capture)
@@ -398,6 +451,7 @@ class Trace:
             changes = dict(interventions)
             changes.update(extra)
             output, recorder = run_forward(model, call, ordered, changes, should_stop, eval_at, stop_at)
+            model.repeated_calls.update(recorder.calls)
             if OUTPUT in interventions:
                 output = _apply(interventions[OUTPUT], output, OUTPUT)
             if model.distributed_group is not None:
@@ -415,6 +469,8 @@ class Trace:
         store = self._store
         store.outputs, store.inputs = outputs, inputs
         store.recorded_anywhere = record | {OUTPUT}
+        store.record_all = functools.partial(_record_everything, model, self.inputs) if lean else None
+        store.lean = lean
         return self
 
     def _agreed_stop(self, should_stop):
@@ -429,6 +485,12 @@ class Trace:
         from . import distributed
 
         return distributed.agreed_stop(should_stop, self.model.distributed_group), set(self.model.names.layer_names)
+
+
+def _record_everything(model, inputs):
+    """(outputs, inputs) of a pass over ``inputs`` recording every module (a lean trace's second pass)."""
+    trace = Trace(model, inputs, keep="all").run()
+    return trace._store.outputs, trace._store.inputs
 
 
 # -- inputs --------------------------------------------------------------------

@@ -18,14 +18,12 @@ Shared by the tuned lens (``mlxterp.tuned_lens``) and sparse autoencoders (``mlx
   directory continues from the last one.
 """
 
-import dataclasses
 import json
 import math
 import os
 import sys
 import time
 from pathlib import Path
-from dataclasses import dataclass
 from typing import Callable, Dict, Iterator, List, Optional, Sequence, Union
 
 import mlx.core as mx
@@ -34,9 +32,8 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
-from .collect import SHARD_INDEX, ShardWriter, _prompt_list, _targets, iter_activation_shards
+from .collect import ShardWriter, _prompt_list, _targets, iter_activation_shards
 from .errors import InputError
-from .results import Result, number
 
 PROGRESS_AFTER_SECONDS = 2.0
 TOKEN_KEYS = ("token", "prompt", "position")
@@ -284,36 +281,3 @@ class Progress:
     def close(self):
         if self.bar is not None:
             self.bar.stop()
-
-
-# -- results ------------------------------------------------------------------------------
-
-@dataclass(eq=False)
-class FieldResult(Result):
-    """Base of this area's results: its dataclass fields are its data; ``columns`` and ``rows()`` its table.
-
-    A subclass sets ``kind`` and ``columns`` and defines ``rows()`` and ``short()``.
-    """
-
-    columns = ("",)
-
-    def rows(self) -> list:
-        return []
-
-    def data(self) -> dict:
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "notes"}
-
-    @classmethod
-    def from_data(cls, data: dict):
-        return cls(**{f.name: data[f.name] for f in dataclasses.fields(cls) if f.name in data})
-
-    def body(self):
-        from rich.table import Table
-
-        table = Table(*self.columns, title=self.short(), title_justify="left")
-        for row in self.rows():
-            table.add_row(*(number(c) if isinstance(c, float) else str(c) for c in row))
-        return table
-
-    def table(self):
-        return self.short(), list(self.columns), [list(r) for r in self.rows()]

@@ -22,17 +22,17 @@ own prediction; its lens is left as it is.
 """
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import List, Optional
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from .analysis import _top_k, unembed
+from .analysis import unembed
 from .errors import InputError
-from .training import ActivationRows, FieldResult, collect_tokens, train_loop
+from .lens_sae_results import LensComparison
+from .training import ActivationRows, collect_tokens, train_loop
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "translators.safetensors"
@@ -168,48 +168,6 @@ def train_tuned_lens(model, data, *, steps: int = 300, batch_size: int = 256, le
 
 # -- evaluation ------------------------------------------------------------------------
 
-@dataclass(eq=False)
-class LensComparison(FieldResult):
-    """Mean KL divergence (nats) to the model's final distribution, per layer, for the logit and tuned lens."""
-
-    layers: List[int]
-    logit_lens_kl: List[float]
-    tuned_lens_kl: List[float]
-    n_tokens: int = 0
-
-    kind = "lens_comparison"
-
-    def short(self) -> str:
-        better = sum(t < l for t, l in zip(self.tuned_lens_kl[:-1], self.logit_lens_kl[:-1]))
-        return (f"tuned lens KL below the logit lens at {better} of {len(self.layers) - 1} layers before the last "
-                f"({self.n_tokens} tokens; mean {np.mean(self.logit_lens_kl):.3f} -> "
-                f"{np.mean(self.tuned_lens_kl):.3f} nats)")
-
-    def rows(self):
-        return [(layer, f"{a:.4f}", f"{b:.4f}")
-                for layer, a, b in zip(self.layers, self.logit_lens_kl, self.tuned_lens_kl)]
-
-    columns = ("layer", "logit lens KL", "tuned lens KL")
-
-    def draw(self, save_path: Optional[str] = None) -> str:
-        """A PNG of both curves against the layer (log scale); returns its path."""
-        from .plots import _figure, _output_path
-
-        fig = _figure((7, 4))
-        ax = fig.add_subplot()
-        ax.plot(self.layers, self.logit_lens_kl, "o-", label="logit lens")
-        ax.plot(self.layers, self.tuned_lens_kl, "o-", label="tuned lens")
-        ax.set_yscale("symlog", linthresh=1e-3)
-        ax.set_xlabel("layer")
-        ax.set_ylabel("KL to the final distribution (nats)")
-        ax.set_title(f"Logit lens vs tuned lens ({self.n_tokens} held-out tokens)")
-        ax.legend()
-        ax.grid(alpha=0.3)
-        path = _output_path(save_path, "tuned-lens-kl")
-        fig.savefig(path, dpi=100, bbox_inches="tight")
-        return path
-
-
 def compare_lenses(model, data, lens: TunedLens, batch_size: int = 512) -> LensComparison:
     """Mean KL to the final distribution per layer for the logit lens and ``lens`` over ``data``.
 
@@ -233,12 +191,3 @@ def compare_lenses(model, data, lens: TunedLens, batch_size: int = 512) -> LensC
                 totals[:, layer] += [plain.item(), tuned.item()]
     totals /= rows.n_rows
     return LensComparison(list(range(model.n_layers)), totals[0].tolist(), totals[1].tolist(), rows.n_rows)
-
-
-def tuned_logit_lens(model, text, translators: TunedLens, layers=None, top_k: int = 1,
-                     position: Optional[int] = None) -> Dict[int, list]:
-    """``logit_lens`` through ``translators``: the same result shape as ``mlxterp.analysis.logit_lens``."""
-    from .analysis import logit_lens
-
-    return logit_lens(model, text, layers=layers, top_k=top_k, position=position, lens="tuned",
-                      translators=translators)

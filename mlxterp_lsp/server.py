@@ -27,7 +27,7 @@ from mlxterp_repl.dsl.complete import CompletionContext, complete
 from mlxterp_repl.dsl.errors import QueryError
 from mlxterp.core.statements import OPTIONS, STATEMENTS
 
-from mlxterp_lsp import __version__
+from mlxterp_lsp import __version__, python_files
 from mlxterp_lsp.checks import Finding, all_findings, input_of, inputs_of, module_paths, parse_findings, positions_for, variable_findings
 from mlxterp_lsp.documents import Document, from_client, lex_chunk, to_client, walk
 from mlxterp_lsp.inline import InlineResult, apply_edit, full_text, recheck, summary_text
@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 RUN_COMMAND = "mlxterp.run"
 INFO_COMMAND = "mlxterp.serverInfo"
 RESULTS_NOTIFICATION = "mlxterp/results"
-TRIGGERS = [".", "@", "$", '"']
+TRIGGERS = [".", "@", "$", '"', "'"]  # ' for Python files (python_files.py)
 TOKEN_TYPES = ["keyword", "namespace", "enumMember", "string", "variable", "number", "operator"]
 COMPLETION_KINDS = {
     "statement": types.CompletionItemKind.Keyword, "keyword": types.CompletionItemKind.Keyword,
@@ -94,7 +94,8 @@ class MlxqServer(LanguageServer):
         document = self.documents.get(uri)
         if document is None:
             text = self.workspace.get_text_document(uri).source
-            document = self.documents[uri] = Document(uri, text)
+            kind = python_files.PythonDocument if python_files.is_python(uri) else Document
+            document = self.documents[uri] = kind(uri, text)
         return document
 
     def position(self, document: Document, position: types.Position) -> tuple[int, int]:
@@ -146,7 +147,11 @@ class MlxqServer(LanguageServer):
             return
         version = document.version
         runs = [finding for finding, _source in self.run_errors.get(uri, [])]
-        if self.link.connected and self.link.modules:
+        if isinstance(document, python_files.PythonDocument):
+            findings = python_files.findings(document, self.link.table) if self.link.connected else []
+            if not self.link.modules:
+                self.warm_up()
+        elif self.link.connected and self.link.modules:
             findings = await all_findings(document, self.link)
         else:
             findings = parse_findings(document) + variable_findings(document)
@@ -230,7 +235,8 @@ async def shutdown(ls: MlxqServer, params):
 @server.feature(types.TEXT_DOCUMENT_DID_OPEN)
 def did_open(ls: MlxqServer, params: types.DidOpenTextDocumentParams):
     item = params.text_document
-    ls.documents[item.uri] = Document(item.uri, item.text, item.version)
+    kind = python_files.PythonDocument if python_files.is_python(item.uri, item.language_id) else Document
+    ls.documents[item.uri] = kind(item.uri, item.text, item.version)
     ls.schedule_diagnostics(item.uri, 0)
 
 
@@ -282,6 +288,8 @@ def did_close(ls: MlxqServer, params: types.DidCloseTextDocumentParams):
 async def completion(ls: MlxqServer, params: types.CompletionParams):
     document = ls.document(params.text_document.uri)
     line, col = ls.position(document, params.position)
+    if isinstance(document, python_files.PythonDocument):
+        return python_completion(ls, document, line, col)
     chunk = document.chunk_at(line)
     if chunk is None:
         return types.CompletionList(is_incomplete=False, items=[])
@@ -348,6 +356,8 @@ def completion_detail(ls: MlxqServer, item, before: str) -> str:
 async def hover(ls: MlxqServer, params: types.HoverParams):
     document = ls.document(params.text_document.uri)
     line, col = ls.position(document, params.position)
+    if isinstance(document, python_files.PythonDocument):
+        return await python_hover(ls, document, line, col)
     chunk = document.chunk_at(line)
     if chunk is None:
         return None
@@ -447,11 +457,49 @@ def statement_hover(name: str) -> str:
     return f"```mlxq\n{spec.syntax}\n```\n{spec.summary}" + (f"\n{options}" if options else "")
 
 
+# --- Python files (python_files.py): only where mlxterp names are written ----------------
+
+def python_completion(ls: MlxqServer, document, line: int, col: int) -> types.CompletionList:
+    place = python_files.place_at(document, line, col)
+    if place is None:
+        return types.CompletionList(is_incomplete=False, items=[])
+    if not ls.link.modules:
+        ls.warm_up()
+    text = document.lines[line]
+    items = []
+    for item in python_files.candidates(place, ls.link.modules, ls.link.table):
+        edit_range = types.Range(types.Position(line, to_client(text, item.start, ls.utf16)),
+                                 types.Position(line, to_client(text, col, ls.utf16)))
+        kind = types.CompletionItemKind.Module if item.kind == "module" else types.CompletionItemKind.Property
+        items.append(types.CompletionItem(label=item.label, kind=kind, detail=item.detail or item.kind,
+                                          text_edit=types.TextEdit(edit_range, item.label),
+                                          sort_text=f"{len(items):04d}"))
+    return types.CompletionList(is_incomplete=not ls.link.modules, items=items)
+
+
+async def python_hover(ls: MlxqServer, document, line: int, col: int):
+    found = python_files.name_at(document, line, col)
+    if found is None or ls.link.table is None:
+        if found is not None:
+            ls.warm_up()
+        return None
+    kind, name, where = found
+    modules = ls.link.modules_by_name
+    fresh = await ask_daemon(ls, ls.link.call("modules"))  # shapes change with every trace
+    if isinstance(fresh, dict) and fresh.get("modules"):
+        modules = {m.get("name"): m for m in fresh["modules"]}
+    text = python_files.hover_text(kind, name, ls.link.table, modules)
+    return types.Hover(contents=types.MarkupContent(types.MarkupKind.Markdown, text),
+                       range=ls.lsp_range(document, where))
+
+
 # --- running queries ---------------------------------------------------------------------
 
 @server.feature(types.TEXT_DOCUMENT_CODE_LENS)
 def code_lens(ls: MlxqServer, params: types.CodeLensParams):
     document = ls.document(params.text_document.uri)
+    if isinstance(document, python_files.PythonDocument):
+        return []
     uri = document.uri
     zero = types.Range(types.Position(0, 0), types.Position(0, 0))
     lenses = [types.CodeLens(zero, types.Command(title="▶ Run file", command=RUN_COMMAND, arguments=[uri]))]
@@ -630,6 +678,8 @@ LEGEND = types.SemanticTokensLegend(token_types=TOKEN_TYPES, token_modifiers=[])
 @server.feature(types.TEXT_DOCUMENT_SEMANTIC_TOKENS_FULL, LEGEND)
 def semantic_tokens(ls: MlxqServer, params: types.SemanticTokensParams):
     document = ls.document(params.text_document.uri)
+    if isinstance(document, python_files.PythonDocument):
+        return None  # Python's colours are the Python language server's
     data, last_line, last_col = [], 0, 0
     for chunk in document.chunks:
         marks = []

@@ -50,6 +50,7 @@ class Job:
         self.stop = threading.Event()    # polled by the worker
         self.stopped = asyncio.Event()   # awaited on the loop, so a queued job ends at once
         self.started = False             # set by the worker when it picks the job up
+        self.replies: list[dict] = []    # replies the worker leaves for the loop to send before `done`
 
     def interrupt(self) -> None:
         self.stop.set()
@@ -437,7 +438,10 @@ class Daemon:
             if not work.done() and not job.started:
                 work.add_done_callback(lambda _: None)
                 return ("error", p.ProtocolError(p.INTERRUPTED, "interrupted before it started"))
-            return await work
+            outcome = await work
+            for reply in job.replies:
+                conn.send(reply)
+            return outcome
         finally:
             stopped.cancel()
             self.queued -= 1

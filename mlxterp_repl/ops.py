@@ -6,7 +6,8 @@ Each handler is registered with `@op(name, runs_on=..., needs_session=...)`:
   The handler is called as `handler(daemon, conn, message)` and returns the `done` value.
 - `runs_on="worker"`: runs on the ONE model worker thread, one request at a time, in
   order; it can be interrupted by id. Called as `handler(daemon, conn, message, job)`; it
-  streams replies with `daemon.send_threadsafe(conn, reply)` and returns the `done` value.
+  streams replies with `daemon.send_threadsafe(conn, reply)` (sent at once) or appends them
+  to `job.replies` (sent just before its `done`), and returns the `done` value.
 - `needs_session=True`: the daemon first waits for the model (sending `progress` replies
   while it loads) and makes the connection's query-language session.
 - `check=fields_check`: called as `check(message)` on the loop as soon as the request
@@ -142,7 +143,7 @@ def shutdown(daemon, conn, message) -> dict:
 @op("modules", needs_session=True)
 def modules(daemon, conn, message) -> dict:
     model = conn.session.model
-    shapes = conn.output_shapes
+    shapes = conn.output_shapes or shapes_elsewhere(daemon, model)
     entries = []
     for info in daemon.module_infos.get(id(model), []):
         entry = dict(info)
@@ -154,6 +155,15 @@ def modules(daemon, conn, message) -> dict:
     if getattr(names, "table", None) is not None:
         answer["table"] = names.table.to_data()  # mlxterp.core.paths.NameTable, for the language server
     return answer
+
+
+def shapes_elsewhere(daemon, model) -> dict:
+    """Output shapes of the last trace another session ran on `model` (a notebook's, for the
+    language server's hover in Python files), or {}."""
+    for other in reversed(list(daemon.connections.values())):
+        if other.output_shapes and other.session is not None and other.session.model is model:
+            return other.output_shapes
+    return {}
 
 
 def tokens_check(message: dict) -> None:
@@ -216,8 +226,7 @@ def exec_(daemon, conn, message, job) -> None:
         conn.session.workdir = Path(workdir)
     results, error = run_query(daemon, conn, job, code, with_text)
     for index, data in enumerate(results):
-        daemon.send_threadsafe(conn, p.reply(job.request_id, p.RESULT, index=index,
-                                             result=daemon.shrink(conn, data, full)))
+        job.replies.append(p.reply(job.request_id, p.RESULT, index=index, result=daemon.shrink(conn, data, full)))
     if error is not None:
         raise error
     return None

@@ -23,7 +23,35 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model", metavar="M", help="load this model first (demo, a directory or a hub id)")
     parser.add_argument("--local", action="store_true",
                         help="run in this process instead of through the daemon (which is started if needed)")
+    parser.add_argument("--width", type=int, metavar="N",
+                        help="draw results N columns wide (default: COLUMNS, else the terminal's width, "
+                             "else each table at its natural width)")
     return parser
+
+
+NATURAL_WIDTH = 1000  # no terminal and no COLUMNS: tables at their natural width, text unwrapped
+MIN_WIDTH = 20
+
+
+def output_width(option: int | None = None, environ=None, streams=None) -> int:
+    """Columns to draw results in: `--width`, else COLUMNS, else the width of the terminal that
+    any of stdout/stderr/stdin is (so `mlxterp run x | less` still fits the screen), else
+    NATURAL_WIDTH (output to a file is not wrapped at 80 columns)."""
+    import os
+
+    if option is not None:
+        return max(int(option), MIN_WIDTH)
+    environ = os.environ if environ is None else environ
+    text = environ.get("COLUMNS", "")
+    if text.strip().isdigit() and int(text) > 0:
+        return max(int(text), MIN_WIDTH)
+    for stream in (sys.stdout, sys.stderr, sys.stdin) if streams is None else streams:
+        try:
+            if stream is not None and stream.isatty():
+                return max(os.get_terminal_size(stream.fileno()).columns, MIN_WIDTH)
+        except (AttributeError, OSError, ValueError):
+            continue
+    return NATURAL_WIDTH
 
 
 def jsonable(value):
@@ -45,16 +73,16 @@ def jsonable(value):
 
 
 def run_script(source: str, session, *, as_json: bool = False, keep_going: bool = False,
-               out=None, err=None, trace_cache=None) -> int:
+               out=None, err=None, trace_cache=None, width: int | None = None) -> int:
     """Run `source` in `session` (with `trace_cache` for its forward passes), printing as
-    `mlxterp run` does; return the exit status."""
+    `mlxterp run` does (results drawn `width` columns wide: `output_width`); return the exit status."""
     from rich.console import Console
 
     from mlxterp_repl.dsl import parse
 
     out = out or sys.stdout
     err = err or sys.stderr
-    console = Console(file=out, soft_wrap=False)
+    console = Console(file=out, soft_wrap=False, width=width or output_width())
     parsed = parse(source)
     items = [(s.span.line, s.span.col, s) for s in parsed.statements]
     items += [(e.span.line, e.span.col, e) for e in parsed.errors]
@@ -127,7 +155,7 @@ def main(argv: list[str]) -> int:
             return 2
     try:
         return run_script(source, session, as_json=options.json, keep_going=options.keep_going,
-                          trace_cache=TraceCache())
+                          trace_cache=TraceCache(), width=output_width(options.width))
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
@@ -151,7 +179,8 @@ def run_through_daemon(source: str, options) -> int:
             print(f"mlxterp run: cannot load --model {options.model}: {error.message}", file=sys.stderr)
             return 2
         try:
-            return run_script(source, RemoteSession(client), as_json=options.json, keep_going=options.keep_going)
+            return run_script(source, RemoteSession(client), as_json=options.json, keep_going=options.keep_going,
+                              width=output_width(options.width))
         except KeyboardInterrupt:
             print("interrupted", file=sys.stderr)
             return 130

@@ -42,7 +42,7 @@ import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten, tree_map
-from mlx_lm.models.llama import Model, ModelArgs
+from mlx_lm.models.gpt2 import Model, ModelArgs
 
 SEED = 0
 DEFAULT_OUT = Path(__file__).resolve().parent.parent / "mlxterp" / "assets" / "induction"
@@ -59,23 +59,23 @@ assert len(WORDS) == len(set(WORDS)) == 60
 
 SEQ_LEN = 41          # tokens per training sequence, BOS included
 BATCH_SIZE = 32
-STEPS = 4000
-LEARNING_RATE = 1e-2
+STEPS = 3000
+LEARNING_RATE = 3e-3
 WARMUP = 200
+RULE_SHARE = 0.5
+SKIP_TABLE = np.random.default_rng(1).permutation(len(WORDS))  # next word from the word two back
+GAP = lambda rng, most: int(rng.integers(0, most))  # noqa: E731
 MAX_REPEAT_LOSS = 0.7  # nats per token on the predictable part of the second copy (chance: ln 60 = 4.1)
 
 MODEL_ARGS = dict(
-    model_type="llama",
-    hidden_size=64,
-    num_hidden_layers=2,
-    intermediate_size=1,
-    num_attention_heads=4,
-    num_key_value_heads=4,
-    rms_norm_eps=1e-5,
+    model_type="gpt2",
+    n_embd=128,
+    n_head=4,
+    n_layer=2,
+    n_ctx=SEQ_LEN,
+    n_positions=SEQ_LEN,
+    layer_norm_epsilon=1e-5,
     vocab_size=len(SPECIAL_TOKENS) + len(WORDS),
-    max_position_embeddings=256,
-    rope_theta=10000.0,
-    tie_word_embeddings=False,
 )
 
 
@@ -97,7 +97,7 @@ def save_tokenizer(tokenizer, out):
     tokenizer.save(str(out / "tokenizer.json"))
     special = dict(bos_token=BOS, eos_token=EOS, pad_token=PAD, unk_token=UNK)
     config = dict(special, tokenizer_class="PreTrainedTokenizerFast",
-                  model_max_length=MODEL_ARGS["max_position_embeddings"], clean_up_tokenization_spaces=False)
+                  model_max_length=SEQ_LEN, clean_up_tokenization_spaces=False)
     (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
     (out / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n")
 
@@ -105,19 +105,23 @@ def save_tokenizer(tokenizer, out):
 def repeated_sequences(rng, batch: int, length: int = SEQ_LEN):
     """(tokens (batch, length), second-copy mask (batch, length - 1) over the predicted targets).
 
-    Random words with one stretch of random length (4 .. half the sequence)
-    repeated right after itself, at a random offset; the mask marks the targets
-    inside the second copy after its first word.
+    Words follow a fixed rule half of the time (the word two back decides the next one,
+    through SKIP_TABLE), which rewards a previous-token head; one stretch of random length
+    (4 .. half the sequence) is repeated later, after a random gap. The mask marks the
+    targets inside the second copy after its first word.
     """
     first_word = len(SPECIAL_TOKENS)
     tokens = rng.integers(first_word, first_word + len(WORDS), size=(batch, length))
     tokens[:, 0] = SPECIAL_TOKENS.index(BOS)
+    follow = rng.random((batch, length)) < RULE_SHARE
+    for t in range(3, length):
+        tokens[:, t] = np.where(follow[:, t], SKIP_TABLE[tokens[:, t - 2] - first_word] + first_word, tokens[:, t])
     mask = np.zeros((batch, length - 1), dtype=np.float32)
     body = length - 1
     for row in range(batch):
         n = int(rng.integers(4, body // 2 + 1))
         start = 1 + int(rng.integers(0, body - 2 * n + 1))
-        copy = start + n
+        copy = start + n + GAP(rng, body - 2 * n - start + 2)
         tokens[row, copy:copy + n] = tokens[row, start:start + n]
         mask[row, copy:copy + n - 1] = 1.0  # the target at t + 1 is predicted at position t
     return tokens, mask
@@ -125,7 +129,7 @@ def repeated_sequences(rng, batch: int, length: int = SEQ_LEN):
 
 def make_attention_only(model):
     """Zero and freeze every MLP, so each block is x + attention(norm(x)) exactly."""
-    for layer in model.model.layers:
+    for layer in model.layers:
         layer.mlp.update(tree_map(mx.zeros_like, layer.mlp.parameters()))
         layer.mlp.freeze()
 
@@ -184,7 +188,7 @@ def main():
     args.out.mkdir(parents=True, exist_ok=True)
     weights = dict(tree_flatten(model.parameters()))
     mx.save_safetensors(str(args.out / "model.safetensors"), weights, metadata={"format": "mlx"})
-    config = dict(MODEL_ARGS, architectures=["LlamaForCausalLM"], torch_dtype="float32",
+    config = dict(MODEL_ARGS, architectures=["GPT2LMHeadModel"], torch_dtype="float32",
                   bos_token_id=SPECIAL_TOKENS.index(BOS), eos_token_id=SPECIAL_TOKENS.index(EOS),
                   pad_token_id=SPECIAL_TOKENS.index(PAD))
     (args.out / "config.json").write_text(json.dumps(config, indent=2) + "\n")

@@ -161,3 +161,22 @@ def tiny_model(arch: str, seed: int = 0) -> nn.Module:
     model = module.Model(args)
     mx.eval(model.parameters())
     return model
+
+
+# Architectures the battery also runs 4-bit quantized (mlx-lm's quantize_model, as `mlx_lm.convert -q`
+# does): untied and tied unembeddings (a tied one becomes a QuantizedEmbedding, decoded with as_linear),
+# scaled embeddings, fused projections, mixtures of experts (quantized SwitchLinear).
+QUANTIZED = ["llama", "qwen2", "qwen3", "gemma", "gemma3_text", "gpt2", "phi3", "qwen3_moe", "mixtral"]
+QUANTIZED_GROUP = 32  # HIDDEN is 32: every projection's input width is a multiple of it
+
+
+def tiny_quantized(arch: str, seed: int = 0) -> nn.Module:
+    """``tiny_model(arch)`` with its linear layers and embedding quantized to 4 bits."""
+    from mlx_lm.utils import quantize_model
+
+    model = tiny_model(arch, seed)
+    # One setting for every layer (a model's own predicate may ask 8 bits in groups of 64 for its router).
+    model, _ = quantize_model(model, {}, group_size=QUANTIZED_GROUP, bits=4,
+                              quant_predicate=lambda path, module: module.weight.shape[-1] % QUANTIZED_GROUP == 0)
+    mx.eval(model.parameters())
+    return model

@@ -1,9 +1,16 @@
 """Shared fixtures: the bundled demo model (loaded once) and tiny random models built from configs."""
 
-import mlx.core as mx
-import pytest
+import os
 
-from mlxterp import InterpretableModel
+# MLX's CUDA backend runs float32 matrix products in TF32 (10-bit mantissa) unless told otherwise;
+# the tests compare float32 results to 1e-5 and need full float32. Set before the first MLX op (MLX
+# reads it then); it changes nothing on the CPU or Metal. An explicit value in the environment wins.
+os.environ.setdefault("MLX_ENABLE_TF32", "0")
+
+import mlx.core as mx  # noqa: E402
+import pytest  # noqa: E402
+
+from mlxterp import InterpretableModel  # noqa: E402
 
 
 @pytest.fixture(scope="session")

@@ -1,5 +1,5 @@
--- Drives Neovim (headless) with the mlxq plugin on one .mlxq file against a running
--- daemon, for tests/test_editors_nvim.py. Reads MLXQ_PLUGIN, MLXQ_FILE, MLXQ_CMD,
+-- Drives Neovim (headless) with the mlxq plugin on one .mlxq file and one Python file against
+-- a running daemon, for tests/test_editors_nvim.py. Reads MLXQ_PLUGIN, MLXQ_FILE, MLXQ_PY_FILE, MLXQ_CMD,
 -- MLXQ_STATUS_CMD (JSON lists), MLXQ_RUNTIME_DIR; writes what it saw as JSON to MLXQ_OUT.
 --   nvim --headless --clean -u NONE -c "luafile tests/nvim_driver.lua"
 local out = { steps = {} }
@@ -26,6 +26,7 @@ local function main()
     status_cmd = vim.fn.json_decode(env.MLXQ_STATUS_CMD),
     runtime_dir = env.MLXQ_RUNTIME_DIR,
     autostart = false,
+    python = true,
   })
 
   vim.cmd("edit " .. vim.fn.fnameescape(env.MLXQ_FILE))
@@ -124,6 +125,32 @@ local function main()
     end
   end
   step("hover")
+
+  -- a Python buffer: the same server attaches; checks and completion inside mlxterp names
+  vim.cmd("edit " .. vim.fn.fnameescape(env.MLXQ_PY_FILE))
+  local py = vim.api.nvim_get_current_buf()
+  out.py_filetype = vim.bo[py].filetype
+  wait_for("the language server to attach to the Python buffer", function()
+    return vim.lsp.buf_is_attached(py, mlxq.client_id)
+  end)
+  wait_for("a diagnostic in the Python buffer", function()
+    return #vim.diagnostic.get(py) > 0
+  end)
+  out.py_diagnostics = {}
+  for _, d in ipairs(vim.diagnostic.get(py)) do
+    table.insert(out.py_diagnostics, { line = d.lnum, col = d.col, end_col = d.end_col, message = d.message })
+  end
+  local py_line = vim.api.nvim_buf_get_lines(py, 2, 3, false)[1]
+  local py_answers = vim.lsp.buf_request_sync(py, "textDocument/completion",
+    { textDocument = { uri = vim.uri_from_bufnr(py) }, position = { line = 2, character = #py_line } }, TIMEOUT)
+  out.py_completion = {}
+  for _, answer in pairs(py_answers or {}) do
+    local items = answer.result and (answer.result.items or answer.result) or {}
+    for _, item in ipairs(items) do
+      table.insert(out.py_completion, item.label)
+    end
+  end
+  step("python")
 
   local status
   mlxq.status(function(lines) status = lines end)

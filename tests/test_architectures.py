@@ -1,15 +1,20 @@
 """Tracing works on any mlx-lm architecture: names found, logits exact, model untouched, batches exact.
 
 Each test runs on every tiny model of ``tests/architectures.py``; the list of
-architectures that pass goes into ``docs/architectures.md``.
+architectures that pass goes into ``docs/architectures.md``. The quantized battery runs the
+analyses (tracing, interventions, lens and predictions, patching, attention patterns, collection)
+on 4-bit versions of some of them.
 """
 
 import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 
-from architectures import ARCHITECTURES, HIDDEN, N_LAYERS, VOCAB, tiny_model
+from architectures import ARCHITECTURES, HIDDEN, N_LAYERS, QUANTIZED, VOCAB, tiny_model, tiny_quantized
 from mlxterp import InterpretableModel
+from mlxterp.analysis import activation_patching
 from mlxterp.trace import supports_left_padding
 
 IDS = [1, 5, 9, 23, 42, 77, 3]
@@ -143,3 +148,132 @@ def test_ragged_batch_matches_each_prompt_alone(arch):
         alone = traced_logits(model, ids)[0]
         real = batch[row, len(IDS) - len(ids):]
         assert mx.allclose(real, alone, atol=1e-4).item(), (row, float(mx.abs(real - alone).max()))
+
+
+# -- the same on 4-bit quantized models ------------------------------------------------------
+
+CLEAN, CORRUPTED = IDS, IDS[:3] + [24] + IDS[4:]
+
+
+@pytest.fixture(scope="module", params=QUANTIZED)
+def quantized(request):
+    return request.param, InterpretableModel(tiny_quantized(request.param))
+
+
+def test_quantized_models_are_quantized(quantized):
+    arch, model = quantized
+    kinds = {type(m) for _, m in model.model.named_modules()}
+    assert any(issubclass(k, nn.QuantizedLinear) or "Quantized" in k.__name__ for k in kinds), arch
+    if model.names.find("lm_head") is None:  # tied: the unembedding is the quantized embedding
+        assert isinstance(model.module("embed"), nn.QuantizedEmbedding), arch
+
+
+def test_quantized_traced_logits_equal_the_plain_forward(quantized):
+    arch, model = quantized
+    expected = model.model(mx.array([IDS]))
+    logits = traced_logits(model, IDS)
+    assert logits.shape == (1, len(IDS), VOCAB)
+    assert mx.array_equal(logits, expected).item(), float(mx.abs(logits - expected).max())
+    with model.trace(IDS, keep="all") as trace:
+        logits = model.output.save()
+    captured = dict(trace.activations)
+    assert mx.array_equal(logits, expected).item()  # capturing everything changes nothing either
+    assert len(captured) > 3 * N_LAYERS
+
+
+def test_quantized_interventions_change_what_they_should(quantized):
+    arch, model = quantized
+    clean = traced_logits(model, IDS)
+    assert not mx.allclose(traced_logits(model, IDS, {"layers.0.mlp": lambda a: a * 0}), clean, atol=1e-4).item()
+    assert mx.array_equal(traced_logits(model, IDS, {"layers.0": lambda a: a}), clean).item()
+
+
+def test_quantized_lens_and_predictions_decode_like_the_model(quantized):
+    """The lens at the last layer is the model's own logits: same final norm and (quantized) unembedding."""
+    from mlxterp.analysis import get_token_predictions, unembed
+
+    arch, model = quantized
+    with model.trace(IDS):
+        last = model.layers[-1].output.save()
+        logits = model.output.save()
+    decoded = unembed(model, last[0])
+    scale = float(mx.abs(logits).max())
+    assert mx.allclose(decoded, logits[0].astype(mx.float32), atol=1e-4 * scale).item(), arch
+    predicted = get_token_predictions(model, last[0, -1], top_k=3, return_scores=True)
+    assert [i for i, _ in predicted][0] == int(mx.argmax(logits[0, -1]))
+    ids, scores = model_lens(model)
+    assert ids.shape == (N_LAYERS, 2) and np.all(np.isfinite(scores))
+    assert int(ids[-1, 0]) == int(mx.argmax(logits[0, -1]))
+
+
+def model_lens(model):
+    """Top-2 tokens of every layer's last position through the logit lens's decoding (no tokenizer here)."""
+    from mlxterp.analysis import _decode_top_k
+
+    with model.trace(IDS):
+        states = [layer.output.save()[0, -1:] for layer in model.layers]
+    return _decode_top_k(model, mx.concatenate(states), 2)
+
+
+def test_quantized_patching_equals_one_run_per_layer(quantized):
+    arch, model = quantized
+    for component in ("layer", "mlp"):
+        batched = activation_patching(model, CLEAN, CORRUPTED, component=component)
+        reference = one_run_per_layer(model, component)
+        assert all(abs(batched[k] - reference[k]) <= 1e-4 * max(100.0, abs(reference[k])) for k in reference), \
+            (arch, component, dict(batched), reference)
+
+
+def test_quantized_attention_patterns_sum_to_one_and_are_causal(quantized):
+    from mlxterp.attention import SUPPORTED_ARCHITECTURES
+
+    arch, model = quantized
+    assert arch in SUPPORTED_ARCHITECTURES
+    patterns = model.get_attention_patterns([IDS], layers=[0, 1])
+    for layer in (0, 1):
+        p = np.array(patterns[layer])
+        assert p.shape[0] == 1 and p.shape[2:] == (len(IDS), len(IDS))
+        assert np.allclose(p.sum(-1), 1.0, atol=1e-5) and np.allclose(np.triu(p[0, 0], k=1), 0.0)
+
+
+def test_quantized_collection_equals_the_trace(quantized):
+    from mlxterp.collect import get_activations
+
+    arch, model = quantized
+    collected = get_activations(model, [IDS, SHORT], layers=[0, 1], positions=-1)
+    with model.trace([IDS]):
+        alone = model.layers[1].output.save()
+    assert collected["layer_1"].shape == (2, HIDDEN)
+    assert mx.allclose(collected["layer_1"][0], alone[0, -1], atol=1e-4).item()
+
+
+# -- patching equals one patched forward pass per layer, on every architecture ----------------
+
+def one_run_per_layer(model, component):
+    from mlxterp.analysis import component_name, distance
+    from mlxterp.interventions import replace_with
+
+    names = [component_name(model, layer, component) for layer in range(model.n_layers)]
+    with model.trace([CLEAN]) as trace:
+        clean = [trace.save(name) for name in names]
+        clean_logits = model.output.save()[0, -1]
+    with model.trace([CORRUPTED]):
+        corrupted_logits = model.output.save()[0, -1]
+    base = distance("l2", corrupted_logits, clean_logits).item()
+    recovery = {}
+    for layer, name in enumerate(names):
+        with model.trace([CORRUPTED], interventions={name: replace_with(clean[layer])}):
+            patched = model.output.save()[0, -1]
+        recovery[layer] = 100 * (base - distance("l2", patched, clean_logits).item()) / base
+    return recovery
+
+
+@each_architecture
+def test_patching_sweep_equals_one_run_per_layer(arch):
+    """The sweep adds each patched row at its layer's input and decodes the last position only;
+    that must give what running each patched prompt on its own gives, on every architecture."""
+    model = InterpretableModel(tiny_model(arch))
+    batched = activation_patching(model, CLEAN, CORRUPTED, component="layer")
+    reference = one_run_per_layer(model, "layer")
+    assert all(abs(batched[k] - reference[k]) <= 1e-4 * max(100.0, abs(reference[k])) for k in reference), \
+        (dict(batched), reference)

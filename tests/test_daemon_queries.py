@@ -27,9 +27,9 @@ def long_text(tag: str) -> str:
     return f"{tag} " + " ".join([SENTENCE] * 15)
 
 
-def long_query(tag: str, statements: int = 20) -> str:
-    """Statements each tracing a long input of its own (no cache hits): seconds of work
-    however fast the matrix products are."""
+def long_query(tag: str, statements: int = 400) -> str:
+    """Statements each tracing a long input of its own (no cache hits): seconds of work however
+    fast the device (a GPU runs one in milliseconds); the tests interrupt them early."""
     return "\n".join(f'save layers.15 @ -1 in "{long_text(f"{tag} {i}")}"' for i in range(statements))
 
 
@@ -221,7 +221,9 @@ def test_interrupt_is_acknowledged_at_once_and_leaves_session_and_daemon_usable(
     raw.request("exec", code='prompt "The capital of Chile is"\nsave layers.3 @ -1 as $x')
     x_before = results_of(raw.request("exec", code="save layers.3 @ -1"))[0]["arrays"][0]["array"]["data"]
     x_hover = raw.request("hover", code="predict $x", offset=9)[-1]["value"]["text"]  # shape, norm, mean
-    start_exec(raw, "long", f'save layers.15 @ -1 in "{long_text("interrupt")}" as $x')
+    # Hundreds of forward passes before the one that would set $x: slow enough on any device (a GPU
+    # runs one in milliseconds); the interrupt lands long before the last statement.
+    start_exec(raw, "long", long_query("interrupt") + f'\nsave layers.15 @ -1 in "{long_text("last")}" as $x')
     time.sleep(0.05)
     sent = time.perf_counter()
     raw.send({"op": "interrupt", "id": "stop-it", "target": "long"})
@@ -321,20 +323,21 @@ def test_many_clients_querying_at_once_each_get_their_own_answers(daemon):
         assert np.array_equal(array, answers[i % 16][0])
 
 
-def test_ctrl_c_in_the_python_client_interrupts_the_query_and_keeps_the_connection(daemon):
+def test_ctrl_c_in_the_python_client_interrupts_the_query_and_keeps_the_connection(daemon, tmp_path):
     script = (
         "import sys\n"
         "from mlxterp_repl.client import connect\n"
         "c = connect(runtime_dir=sys.argv[1], autostart=False)\n"
         "print('ready', flush=True)\n"
         "try:\n"
-        "    c.exec(sys.argv[2])\n"
+        "    c.exec(open(sys.argv[2]).read())\n"
         "    print('finished', flush=True)\n"
         "except KeyboardInterrupt:\n"
         "    print('interrupted', c.ping()['pong'], c.stats()['queued'], flush=True)\n"
     )
-    code = long_query("ctrl-c")
-    child = subprocess.Popen([sys.executable, "-c", script, str(daemon.files.runtime_dir), code],
+    code = tmp_path / "long.mlxq"  # a file: the query is longer than one command-line argument may be
+    code.write_text(long_query("ctrl-c"))
+    child = subprocess.Popen([sys.executable, "-c", script, str(daemon.files.runtime_dir), str(code)],
                              stdout=subprocess.PIPE, text=True)
     assert child.stdout.readline().strip() == "ready"
     time.sleep(0.4)

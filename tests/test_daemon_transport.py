@@ -142,7 +142,10 @@ def test_every_op_has_one_daemon_handler_and_a_method_on_both_clients():
         assert callable(getattr(Client, name)) and callable(getattr(AsyncClient, name))
         assert asyncio.iscoroutinefunction(getattr(AsyncClient, name))
         assert not asyncio.iscoroutinefunction(getattr(Client, name))
-    assert {name for name, entry in ops.HANDLERS.items() if entry.runs_on == "worker"} == {"exec"}
+    where = {name: entry.runs_on for name, entry in ops.HANDLERS.items()}
+    assert where["exec"] == "worker"
+    for name in ("hello", "interrupt", "ping", "stats", "fetch", "shutdown", "complete", "hover", "modules"):
+        assert where[name] == "loop", name  # never queued behind a running query
 
 
 def test_registering_a_handler_for_an_op_missing_from_the_table_fails():
@@ -184,7 +187,7 @@ def test_interrupt_from_another_thread_stops_a_streaming_exec(client):
     def run():
         started = time.monotonic()
         try:
-            client.exec(slow_query("interrupt from a thread"))
+            client.exec(slow_query("interrupt from a thread", 400))  # seconds even on a GPU
             outcome["error"] = None
         except DaemonError as error:
             outcome["error"] = error

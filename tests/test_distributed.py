@@ -237,8 +237,10 @@ def test_daemon_over_a_pipeline_split_model_answers_like_one_process(tmp_path):
         got = answers[i][0]["result"]
         assert got["kind"] == "save"
         assert np.allclose(first_array(got), first_array(expected[i]), atol=TOLERANCE), QUERIES[i]
-    lens = answers[4][0]["result"]["predictions"]
-    assert [[p["id"] for p in row[0]] for row in lens] == [[p["id"] for p in row[0]] for row in expected[4]["predictions"]]
+    from mlxterp_repl import protocol as p
+
+    lens_ids = p.decode_array(answers[4][0]["result"]["ids"])  # layer x position x top-k token ids
+    assert lens_ids.tolist() == np.asarray(expected[4]["ids"]).tolist()
     assert answers[5][0]["type"] == "error" and "out of range" in answers[5][0]["error"]["message"]
     assert "out of range" in expected[5]
     assert np.allclose(first_array(second[0]["result"]),

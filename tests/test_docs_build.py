@@ -7,7 +7,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 PAGES = ["quickstart", "tracing", "interventions", "analysis", "dsl", "develop", "daemon", "protocol",
-         "repl", "lsp", "editors", "scale", "architectures"]
+         "repl", "lsp", "editors", "scale", "architectures", "notebooks"]
 
 
 def test_docs_build_strict_with_every_page(tmp_path):

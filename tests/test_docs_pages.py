@@ -36,6 +36,7 @@ def test_tracing_page_runs(tmp_path, monkeypatch, demo_model):
     namespace = run_page("tracing.md", tmp_path, monkeypatch)
     assert namespace["hidden"].shape[-1] == demo_model.hidden_size
     assert namespace["grad"].shape == namespace["embeddings"].shape
+    assert set(namespace["trace"].activations) == {"model.model.layers.3"}  # the keep="saved" example
 
 
 def test_quickstart_runs_except_the_block_loading_the_readers_own_model(tmp_path, monkeypatch, capsys):
@@ -75,3 +76,18 @@ def test_sae_page_runs(tmp_path, monkeypatch, capsys):
     assert namespace["metrics"].explained_variance > 0.8
     assert namespace["features"].shape == (1, 6, 4 * 128)
     assert "[[" in capsys.readouterr().out  # top-activating examples printed with their token marked
+
+
+def test_heads_page_runs(tmp_path, monkeypatch, capsys):
+    namespace = run_page("heads.md", tmp_path, monkeypatch)
+    layer, _, score = namespace["scores"].top("induction", 1)[0]
+    assert layer == 1 and score > 0.5
+    page = (tmp_path / "attention.html").read_text()
+    assert "https://" not in page and "http://" not in page
+
+
+def test_causal_tracing_page_runs(tmp_path, monkeypatch, capsys):
+    namespace = run_page("causal-tracing.md", tmp_path, monkeypatch)
+    trace = namespace["trace"]
+    assert trace.answer == " Paris" and trace.corrupted_probability < trace.clean_probability - 0.2
+    assert (tmp_path / "causal-trace.png").stat().st_size > 1000

@@ -365,12 +365,13 @@ def test_unseeded_noise_is_never_cached(session, model):
 
 def test_trace_cache_evicts_least_recently_used_within_its_budget():
     cache = TraceCache(100)
-    cache.put("a", {"x": 1}, 40)
-    cache.put("b", {"x": 2}, 40)
-    assert cache.get("a") == {"x": 1}  # a is now the most recent
-    cache.put("c", {"x": 3}, 40)
+    a, b, c = (mx.zeros((10,), dtype=mx.float32) for _ in range(3))  # 40 bytes each
+    cache.put("a", {"x": a}, 40)
+    cache.put("b", {"x": b}, 40)
+    assert cache.get("a")["x"] is a  # a is now the most recent
+    cache.put("c", {"x": c}, 40)
     assert cache.get("b") is None and cache.get("a") is not None and cache.get("c") is not None
-    cache.put("huge", {}, 1000)
+    cache.put("huge", {"x": mx.zeros((250,), dtype=mx.float32)}, 1000)
     assert cache.get("huge") is None and cache.used_bytes == 80
 
 

@@ -28,6 +28,11 @@ save layers.8.
 save layers.8 @ -1
 """
 
+PYTHON_SOURCE = """with model.trace("The capital of France is") as trace:
+    x = trace.activations["layrs.8"]
+    y = trace.activations["layers.8.
+"""
+
 
 def nvim() -> str:
     path = shutil.which("nvim")
@@ -46,9 +51,11 @@ def daemon(tmp_path):
 def drive(tmp_path: Path, daemon) -> dict:
     source = tmp_path / "query.mlxq"
     source.write_text(SOURCE)
+    python_file = tmp_path / "analysis.py"
+    python_file.write_text(PYTHON_SOURCE)
     out = tmp_path / "out.json"
     env = daemon_env(daemon.files.runtime_dir)
-    env.update(MLXQ_PLUGIN=str(PLUGIN), MLXQ_FILE=str(source), MLXQ_OUT=str(out),
+    env.update(MLXQ_PLUGIN=str(PLUGIN), MLXQ_FILE=str(source), MLXQ_PY_FILE=str(python_file), MLXQ_OUT=str(out),
                MLXQ_CMD=json.dumps([str(MLXTERP), "lsp"]), MLXQ_STATUS_CMD=json.dumps([str(MLXTERP), "status"]),
                MLXQ_RUNTIME_DIR=str(daemon.files.runtime_dir), HOME=str(tmp_path))  # HOME: a private :LspLog
     done = subprocess.run([nvim(), "--headless", "--clean", "-u", "NONE", "-c", f"luafile {DRIVER}"], env=env,
@@ -96,6 +103,13 @@ def test_neovim_plugin_against_a_real_daemon(tmp_path, daemon):
     assert set(ran) == {0, 1, 3} and {r["group"] for r in ran.values()} == {"MlxqResult"}
 
     assert "mlp" in seen["hover"].lower() and "save layers.8.mlp @ -1" in seen["hover"], seen["hover"]
+
+    # the Python buffer: the same server, only inside mlxterp names
+    assert seen["py_filetype"] == "python"
+    [unknown] = seen["py_diagnostics"]
+    assert unknown["line"] == 1 and "layrs.8" in unknown["message"] and "layers.8" in unknown["message"]
+    assert PYTHON_SOURCE.split("\n")[1][unknown["col"]:unknown["end_col"]] == "layrs.8"
+    assert {"mlp", "self_attn"} <= set(seen["py_completion"]), seen["py_completion"]
 
     status = "\n".join(seen["status"])
     assert "daemon connected" in status and str(daemon.proc.pid) in status, status

@@ -24,7 +24,10 @@ PROMPT = 'prompt "The capital of France is"\r'
 CTRL_C, CTRL_D, CTRL_R, TAB = "\x03", "\x04", "\x12", "\t"
 # 40 statements, each a full trace of its own long input (no trace cache hits); a trace
 # stops at a module boundary once the daemon is asked to, so the whole text stops early.
-LONG_QUERY = "\n".join(f'save layers.* in "{i}: ' + "Paris is the capital of France. " * 28 + '"' for i in range(40))
+# 40 statements, each patching every position of every layer on a ~200-token prompt (thousands of
+# forward-pass rows): seconds of work even on a GPU, short enough to paste (interrupted early).
+LONG_QUERY = "\n".join(f'patch mlp clean "{i}: ' + "Paris is the capital of France. " * 28 + f'" corrupt "{i}: '
+                       + "London is the capital of France. " * 28 + '" @ *' for i in range(40))
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
@@ -245,8 +248,9 @@ def test_ctrl_c_stops_a_long_patch_early(client, tmp_path):
         pipe.send_text(CTRL_D)
 
     clean, corrupt = "Paris is the capital of France. " * 40, "London is the capital of France. " * 40
-    Typist(client, tmp_path).run(f'patch mlp clean "{clean}" corrupt "{corrupt}"\r', script)
-    assert timings["prompt"] - timings["interrupt"] < 1.0  # the whole sweep takes several seconds
+    # Every position of every layer patched on its own: thousands of rows, seconds even on a GPU.
+    Typist(client, tmp_path).run(f'patch mlp clean "{clean}" corrupt "{corrupt}" @ *\r', script)
+    assert timings["prompt"] - timings["interrupt"] < 1.0  # the whole sweep takes many seconds
 
 
 def test_ctrl_d_leaves_and_the_daemon_keeps_running(client, daemon, tmp_path):

@@ -63,8 +63,21 @@ def test_default_keeps_every_output_of_a_small_trace(model):
     with model.trace([1, 2, 3, 4]):
         again = model.layers[3].output.save()
     assert mx.array_equal(layer, again)
-    assert "layers.0.mlp.gate_proj" in t.activations and "output" in t.activations
-    assert len(t.activations) == len(set(model.names.modules) - {"model"}) + 1  # every module and the logits
+    assert "output" in t.activations and "layers.3.attn" in t.activations and "embed" in t.activations
+    with pytest.raises(TraceError, match="not recorded by this trace.*inside the block.*keep='all'"):
+        t.activations["layers.0.mlp.gate_proj"]  # a leaf inside a block: recorded when the block reads it
+
+
+def test_reading_a_leaf_in_the_block_records_everything_exactly_and_keeps_what_was_read(model):
+    with model.trace([1, 2, 3, 4], keep="all") as everything:
+        pass
+    with model.trace([1, 2, 3, 4]) as t:
+        layer = model.layers[1].output.save()
+        gate = model.layers[1].mlp.gate_proj.output.save()  # not recorded at first
+        assert t.activations["layers.1"] is layer  # what was read before stays the same array
+    assert mx.array_equal(gate, everything.activations["layers.1.mlp.gate_proj"])
+    assert set(t.activations) == set(everything.activations)  # everything fits the budget: all kept
+    assert len(everything.activations) == len(set(model.names.modules) - {"model"}) + 1  # every module, logits
 
 
 def test_keep_saved_keeps_what_was_saved_or_read_and_says_how_to_keep_the_rest(model):

@@ -38,6 +38,9 @@ ROOT = Path(__file__).resolve().parents[1]
 INSTALL_SCRIPT = ROOT / "scripts" / "vscode_test_env.sh"
 DRIVER = EXTENSION / "scripts" / "workbench.js"
 MLXTERP = Path(sys.executable).parent / "mlxterp"
+# The extension under test: editors/vscode, or another copy of it (with its node_modules), e.g. an
+# older version, to see the test fail on it.
+SOURCE = Path(os.environ.get("MLXTERP_VSCODE_TEST_EXTENSION") or EXTENSION)
 
 QUERY_FILE = "query.mlxq"
 QUERY = """\
@@ -74,7 +77,7 @@ def free_port() -> int:
 
 def build_vsix(out: Path) -> Path:
     env = dict(os.environ, npm_config_offline="true")
-    done = subprocess.run(["npx", "--offline", "@vscode/vsce", "package", "--out", str(out)], cwd=EXTENSION,
+    done = subprocess.run(["npx", "--offline", "@vscode/vsce", "package", "--out", str(out)], cwd=SOURCE,
                           capture_output=True, text=True, timeout=120, env=env, stdin=subprocess.DEVNULL)
     assert done.returncode == 0, f"vsce package failed:\n{done.stdout}\n{done.stderr}"
     return out
@@ -180,6 +183,7 @@ class Workbench:
                     copy.parent.mkdir(parents=True, exist_ok=True)
                     copy.write_text(text)
                 shutil.copy(self.home / "code-server.log", self.failures / "code-server.log")
+                (self.failures / "console.json").write_text(json.dumps(self.do("console"), indent=1))
             raise AssertionError(f"{what}: {exc}\n(screenshot and logs in {self.failures})") from exc
 
     def stop(self) -> None:
@@ -200,7 +204,10 @@ class Workbench:
             self.server_log.close()
 
 
-# --- helpers shared by the checks (a Python-file check adds its file and calls these) -----------
+# --- helpers shared by the checks -------------------------------------------------------------
+# A Python-file check writes its .py file into the workspace (next to QUERY_FILE, in the fixture)
+# and calls, e.g., completion_labels(workbench, "analysis.py", 3, 'acts = trace.activations["layers.8.',
+# expect="mlp"); VS Code closes the quote and bracket as it would for a user.
 
 def open_file(workbench: Workbench, name: str) -> None:
     workbench.do("quickOpen", name=name)
@@ -222,9 +229,9 @@ def completion_labels(workbench: Workbench, name: str, line: int, typed: str, ex
 @pytest.fixture(scope="module")
 def extension_dependencies(request):
     """editors/vscode/node_modules as package-lock.json says; `npm ci` only when it is not."""
-    installed = EXTENSION / "node_modules" / ".package-lock.json"  # npm writes it last
-    lock = EXTENSION / "package-lock.json"
-    if installed.exists() and installed.stat().st_mtime >= lock.stat().st_mtime:
+    installed = SOURCE / "node_modules" / ".package-lock.json"  # npm writes it last
+    lock = SOURCE / "package-lock.json"
+    if SOURCE != EXTENSION or (installed.exists() and installed.stat().st_mtime >= lock.stat().st_mtime):
         return installed.parent
     return request.getfixturevalue("node_modules")
 
@@ -244,6 +251,7 @@ def workbench(extension_dependencies, tmp_path_factory):
         "extensions.autoCheckUpdates": False, "extensions.autoUpdate": False, "telemetry.telemetryLevel": "off",
         "workbench.tips.enabled": False, "editor.inlayHints.enabled": "on", "chat.disableAIFeatures": True,
         "workbench.welcomePage.walkthroughs.openOnInstall": False, "editor.minimap.enabled": False,
+        "mlxq.pythonFiles": True,  # for Python-file checks: a .py file in the workspace gets the server too
     }
     bench = Workbench(cache, home, workspace, settings)
     bench.runtime_dir = runtime_dir
@@ -347,3 +355,21 @@ def test_a_daemon_killed_mid_session_comes_back(workbench):
         assert shown.startswith("save layers.7.mlp @ -1") and re.search(r"\(\d+,?\)", shown), shown
         after = daemon_pid(workbench.runtime_dir)
         assert after not in (None, before), (before, after)
+
+
+def test_a_bad_command_gets_a_toast_naming_it_with_the_log_one_click_away(workbench):
+    missing = str(workbench.home / "no-such-mlxterp")
+    with workbench.checking("bad command"):
+        try:
+            workbench.do("setSetting", id="mlxq.command", value=missing)  # the extension restarts the server
+            toasts = workbench.texts(NOTIFICATIONS, contains=missing, timeout=30)
+            toast = [t for t in toasts if missing in t]
+            assert toast and "could not run" in toast[0] and "mlxq.command" in toast[0], toasts
+            workbench.do("click", selector=f"{NOTIFICATIONS} .monaco-button", contains="Show log")
+            shown = workbench.texts(".panel .monaco-editor .view-lines", contains="could not run", timeout=10)
+            assert any("could not run" in t for t in shown), shown
+        finally:
+            workbench.do("setSetting", id="mlxq.command", value=str(MLXTERP))
+        open_file(workbench, QUERY_FILE)
+        lenses = workbench.texts(CODE_LENS, contains="Run file", timeout=30)
+        assert any("Run file" in t for t in lenses), f"the server did not come back with the right command: {lenses}"

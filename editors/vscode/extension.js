@@ -21,6 +21,7 @@ function settings() {
     socket: config.get("daemonSocket") || "",
     runtimeDir: config.get("runtimeDir") || "",
     autostart: config.get("autostart", true),
+    pythonFiles: config.get("pythonFiles", false),
   };
 }
 
@@ -44,7 +45,7 @@ function createClient() {
   const s = settings();
   const run = {
     command: s.command,
-    args: ["lsp", "--stdio"],
+    args: ["lsp"], // the client appends --stdio for TransportKind.stdio
     transport: TransportKind.stdio,
     options: { env: daemonEnv(s) },
   };
@@ -53,11 +54,30 @@ function createClient() {
     "mlxterp language server",
     { run: run, debug: run },
     {
-      documentSelector: [{ language: "mlxq" }],
+      documentSelector: [{ language: "mlxq" }].concat(s.pythonFiles ? [
+        { language: "python", scheme: "file" },
+        { language: "python", scheme: "vscode-notebook-cell" }, // cells of Jupyter notebooks
+      ] : []),
+      middleware: {
+        // The server has no colours for Python: VS Code then uses the Python extension's.
+        provideDocumentSemanticTokens: (document, token, next) =>
+          document.languageId === "python" ? undefined : next(document, token),
+      },
       initializationOptions: initializationOptions(s),
       outputChannel: output,
     }
   );
+}
+
+// The client rejects with a string when the process could not be spawned, with an Error
+// when the server started but the connection or `initialize` failed.
+function startFailure(err, command) {
+  const cause = (err && err.message) || String(err);
+  if (/\b(ENOENT|EACCES)\b|Launching server using command/.test(cause)) {
+    return `mlxterp: could not run \`${command} lsp\` (${cause}). ` +
+      "Set mlxq.command to the mlxterp in your environment, e.g. /path/to/.venv/bin/mlxterp.";
+  }
+  return `mlxterp: the language server \`${command} lsp\` started but failed: ${cause}`;
 }
 
 async function startClient() {
@@ -65,11 +85,10 @@ async function startClient() {
   try {
     await client.start();
   } catch (err) {
-    const s = settings();
-    vscode.window.showErrorMessage(
-      `mlxterp: could not start \`${s.command} lsp\` (${err.message || err}). ` +
-        "Set mlxq.command to the mlxterp in your environment, e.g. /path/to/.venv/bin/mlxterp."
-    );
+    const message = startFailure(err, settings().command);
+    output.error(message);
+    const choice = await vscode.window.showErrorMessage(message, "Show log");
+    if (choice === "Show log") output.show(true);
   }
 }
 
@@ -92,11 +111,11 @@ async function runQuery(wholeFile) {
 }
 
 async function restartServer() {
-  if (client) {
+  if (client && client.needsStop()) { // not one that failed to start
     try {
       await client.stop();
     } catch (err) {
-      output.appendLine(`stopping the server: ${err.message || err}`);
+      output.warn(`stopping the server: ${err.message || err}`);
     }
   }
   await startClient();
@@ -114,7 +133,8 @@ function showStatus() {
 }
 
 async function activate(context) {
-  output = vscode.window.createOutputChannel("mlxq");
+  // A log channel: vscode-languageclient 11 calls its error/trace/onDidChangeLogLevel.
+  output = vscode.window.createOutputChannel("mlxq", { log: true });
   context.subscriptions.push(
     output,
     vscode.commands.registerCommand("mlxq.runLine", () => runQuery(false)),
@@ -124,11 +144,23 @@ async function activate(context) {
     vscode.workspace.onDidChangeConfiguration((event) => {
       if (event.affectsConfiguration("mlxq.command") || event.affectsConfiguration("mlxq.model") ||
           event.affectsConfiguration("mlxq.daemonSocket") || event.affectsConfiguration("mlxq.runtimeDir") ||
-          event.affectsConfiguration("mlxq.autostart")) {
+          event.affectsConfiguration("mlxq.autostart") || event.affectsConfiguration("mlxq.pythonFiles")) {
         restartServer();
       }
     })
   );
+  const mlxqOpen = () => vscode.workspace.textDocuments.some((document) => document.languageId === "mlxq");
+  if (!settings().pythonFiles && !mlxqOpen()) {
+    // Activated by a Python file while mlxq.pythonFiles is off: wait for a .mlxq file.
+    const waiting = vscode.workspace.onDidOpenTextDocument((document) => {
+      if (document.languageId === "mlxq" && !client) {
+        waiting.dispose();
+        startClient();
+      }
+    });
+    context.subscriptions.push(waiting);
+    return;
+  }
   await startClient();
 }
 

@@ -24,6 +24,7 @@ import mlx.core as mx
 import numpy as np
 
 from mlxterp import InterpretableModel
+from mlxterp.attention import token_axis
 import mlxterp.interventions as iv  # (not `from mlxterp import interventions`: that recurses in mlxterp.__getattr__)
 from mlxterp.core.statements import STATEMENTS, usage
 from mlxterp.errors import Interrupted, LayerIndexError, MlxterpError, UnknownModuleError
@@ -31,7 +32,8 @@ from mlxterp.errors import Interrupted, LayerIndexError, MlxterpError, UnknownMo
 from mlxterp_repl.dsl import ast, selection
 from mlxterp_repl.dsl.errors import QueryError, closest
 from mlxterp_repl.dsl.parser import parse, statement_name
-from mlxterp.results import ActivationStats, TableResult, TextResult, TokenPredictions, ValuesResult, token_label
+from mlxterp.results import (TOKENS_SHOWN, ActivationStats, TableResult, TextResult, TokenPredictions, ValuesResult,
+                             prompt_label, token_label, token_listing)
 
 OUTPUT = "output"
 
@@ -121,6 +123,7 @@ class Run:
         self.on_progress = on_progress
         self.trace_cache = trace_cache
         self.extra: list[tuple[ast.Intervention, object, str | None]] = []
+        self.notes: list[str] = []  # said under the result (e.g. which call of a module it shows)
 
 
 def to_numpy(array) -> np.ndarray:
@@ -286,7 +289,7 @@ class Session:
                 return {n: stored[n] for n in names}
         capture = None if key is not None else [n for n in names if n != OUTPUT]
         with model.trace([ids], interventions=interventions or None, capture=capture,
-                         should_stop=run.should_stop) as tr:
+                         should_stop=run.should_stop, keep="all" if key is not None else "saved") as tr:
             if key is not None:
                 found = {n: tr.save(n) for n in list(tr.activations)}
             else:
@@ -328,21 +331,33 @@ class Session:
         names = self.expand(target)
         chosen, single = self.positions(position, tokens)
         found = self.activations(ids, names, run, target.span)
+        every = position is None or isinstance(position, ast.AllPositions)
         arrays = []
         for name in names:
-            array = to_numpy(found[name])[0]
-            if array.ndim >= 1 and array.shape[0] == len(ids):
-                array = array[chosen[0]] if single else array[chosen]
+            whole = to_numpy(found[name])
+            array = whole[0]
+            if not every:  # along the module's token axis (its known layout), less the batch axis
+                try:
+                    axis = token_axis(self.model, name, whole.shape, len(ids)) - 1
+                except MlxterpError as error:
+                    raise QueryError(str(error), position.span, ["*"]) from None
+                array = np.take(array, chosen[0] if single else chosen, axis=axis)
             arrays.append((self.label(name), array))
+            calls = self.model.repeated_calls.get(name)
+            if calls:
+                run.notes.append(f"{self.label(name)} runs {calls} times in each forward pass (RoPE: on queries, "
+                                 f"then keys); shown: its last call ({calls} of {calls})")
         if single:
             where = f"at {chosen[0]} ({token_label(tokens[chosen[0]])})"
         elif len(chosen) == len(tokens):
             where = f"all {len(tokens)} positions"
         else:
-            where = "at " + ", ".join(str(p) for p in chosen)
-        return arrays, f"{where} of {text!r}"
+            shown = [str(p) for p in chosen] if len(chosen) <= 8 else [*map(str, chosen[:6]), "…", str(chosen[-1])]
+            where = f"at {len(chosen)} positions " * (len(chosen) > 8) + "at " * (len(chosen) <= 8) + ", ".join(shown)
+        return arrays, f"{where} of {prompt_label(text)}"
 
     def with_notes(self, result, run: Run):
+        result.notes.extend(note for note in run.notes if note not in result.notes)
         texts = [node.canonical() for node, _, _ in self.steering + run.extra]
         if texts:
             result.notes.append("interventions: " + "; ".join(texts))
@@ -389,13 +404,15 @@ class Session:
         self.need_model(node)
         _, ids, tokens = self.resolve_input(node.prompt, node)
         self.prompt = node.prompt.value
-        message = f"prompt set: {len(ids)} tokens: " + " ".join(token_label(t) for t in tokens)
+        message = f"prompt set: {len(ids)} tokens: " + token_listing(tokens)
+        if len(tokens) > TOKENS_SHOWN:
+            message += " (`tokens` lists them all)"
         return TextResult(message, kind="prompt", fields={"prompt": self.prompt, "ids": ids, "tokens": tokens})
 
     def do_tokens(self, node: ast.Tokens, run: Run):
         text, ids, tokens = self.resolve_input(node.input, node)
         rows = [[i, token_id, token] for i, (token_id, token) in enumerate(zip(ids, tokens))]
-        return TableResult(["position", "id", "token"], rows, kind="tokens", title=repr(text))
+        return TableResult(["position", "id", "token"], rows, kind="tokens", title=prompt_label(text))
 
     def do_save(self, node: ast.Save, run: Run):
         self.need_model(node)

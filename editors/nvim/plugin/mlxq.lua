@@ -6,6 +6,19 @@ vim.g.loaded_mlxq = 1
 
 vim.cmd("runtime ftdetect/mlxq.lua")
 
+-- Python buffers too, when require("mlxq").setup({ python = true }): the server then answers
+-- only inside mlxterp names (trace.activations["..."], model.layers[i]. ...), beside your
+-- own Python language server.
+vim.api.nvim_create_autocmd("FileType", {
+  pattern = "python",
+  callback = function(args)
+    local mlxq = require("mlxq")
+    if mlxq.config.python then
+      mlxq.attach(args.buf)
+    end
+  end,
+})
+
 vim.cmd([[
   highlight default link MlxqResult Comment
   highlight default link MlxqResultStale NonText

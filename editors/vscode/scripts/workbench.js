@@ -21,6 +21,7 @@
 //                                 results included), once it contains `contains` or at timeout
 //   console                       every console message of the page so far: [{type, text}]
 //   click {selector, contains}    click the first element matching that contains the text
+//   setSetting {id, value}        set a string setting in the Settings editor
 //   hoverAt {line, column}        put the cursor there and show the hover
 //   screenshot {path}
 //   close
@@ -40,7 +41,10 @@ function sleep(ms) {
 
 async function elements(selector) {
   return page.$$eval(selector, (nodes) =>
-    nodes.map((n) => ({ text: n.innerText || n.textContent || "", aria: n.getAttribute("aria-label") || "" })));
+    nodes.map((n) => ({
+      text: (n.innerText || n.textContent || "").replace(/\u00a0/g, " "), // editors draw spaces as nbsp
+      aria: n.getAttribute("aria-label") || "",
+    })));
 }
 
 async function texts({ selector, contains, timeout = 10000 }) {
@@ -146,6 +150,23 @@ const ops = {
   async click({ selector, contains }) {
     const target = page.locator(selector, contains ? { hasText: contains } : {}).first();
     await target.click({ timeout: 10000 });
+    return true;
+  },
+  async setSetting({ id, value }) {
+    // through the Settings editor, as a user would; closes it afterwards
+    await command({ title: "Preferences: Open User Settings" });
+    await page.locator(".settings-editor .settings-body").waitFor({ timeout: 15000 });
+    await sleep(300);
+    await page.keyboard.type(id); // the search box has the focus
+    const input = page.locator(".settings-editor .settings-body .setting-item-contents input").first();
+    await page.locator(".settings-editor .setting-item-contents", { hasText: "Path of the" }).first()
+      .waitFor({ timeout: 15000 });
+    await input.click();
+    await page.keyboard.press("Control+A");
+    await page.keyboard.type(value);
+    await sleep(1000); // the editor writes the setting after a short debounce
+    await page.keyboard.press("Escape");
+    await page.keyboard.press("Escape");
     return true;
   },
   async hoverAt({ line, column }) {

@@ -22,6 +22,7 @@ M.config = {
   autostart = true, -- start the daemon when none runs
   prefix = "  => ", -- put before each inline result
   codelens = false, -- show the server's "Run" code lenses (as virtual text, next to results)
+  python = false, -- also attach to Python buffers: completion, hover and checks of mlxterp names in them
 }
 
 M.ns = vim.api.nvim_create_namespace("mlxq_results")
