@@ -58,6 +58,9 @@ def main():
         print(f"{'kind':<10} {'steps':>6} {'batch':>6} {'seconds':>8} {'tokens/s':>10} {'tokens/cpu-s':>12} "
               f"{'expl. var.':>10} {'L0':>6} {'dead':>5}")
         for kind in ("topk", "batchtopk", "relu"):
+            # warm up: on a GPU the first call of each shape compiles kernels
+            train_sae(Path(tmp) / "acts", key="layer_8", kind=kind, steps=3, batch_size=options.batch_size,
+                      progress=False)
             started, cpu = time.perf_counter(), cpu_seconds()
             sae = train_sae(Path(tmp) / "acts", key="layer_8", kind=kind, k=16, steps=options.steps,
                             batch_size=options.batch_size, progress=False)

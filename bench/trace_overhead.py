@@ -4,14 +4,16 @@ Builds a random-weight mlx-lm Llama (no download) and times, interleaved so
 machine noise hits all alike, after warm-up rounds, the median of N runs of:
 
 - plain forward: ``mx.eval(model(ids))``
-- default trace: ``with model.trace(ids): logits = model.output.save()``
-- capture everything: the same, keeping every module output (``keep="all"``)
+- default trace: ``with model.trace(ids): logits = model.output.save()`` (records the
+  blocks, keeps them while they fit the keep budget)
+- capture everything: ``keep="all"``, every module output recorded and kept
 - restricted capture: ``capture=`` three layers, saving them and the logits
 
 and prints each one's ratio to the plain forward and its peak memory. Targets
 (issue 16, at 1 x 32 tokens on the 1B shape): default <= 1.10x, capture
 everything <= 1.15x, restricted <= 1.03x. Device-agnostic: it runs on MLX's
-default device (CPU here, Metal or CUDA where MLX has them).
+default device (CPU here, Metal or CUDA where MLX has them). On this CPU
+bfloat16 matmuls are several times slower than float32 (``--dtype float32``).
 
     python bench/trace_overhead.py                # 12 layers x 768, batch 8 x 128, float32
     python bench/trace_overhead.py --shape 1b     # Llama-3.2-1B shape, 1 x 32 tokens, bfloat16
@@ -75,9 +77,12 @@ def main():
     parser.add_argument("--shape", choices=sorted(SHAPES), default="default")
     parser.add_argument("--quick", action="store_true", help="same as --shape quick")
     parser.add_argument("--dtype", help="override the shape's dtype (float32, bfloat16, float16)")
+    parser.add_argument("--device", choices=["cpu", "gpu"], help="MLX device (default: MLX's default device)")
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=2)
     opts = parser.parse_args()
+    if opts.device:
+        mx.set_default_device(mx.cpu if opts.device == "cpu" else mx.gpu)
     shape = "quick" if opts.quick else opts.shape
     layers, hidden, heads, kv_heads, mlp, vocab, tied, batch, length, dtype = SHAPES[shape]
     dtype = opts.dtype or dtype

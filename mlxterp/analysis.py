@@ -27,7 +27,9 @@ with ``LD = logit[clean_answer] - logit[corrupted_answer]``.
 All metrics are computed in float32, so they stay finite on a 150k vocabulary.
 """
 
+import logging
 import os
+import warnings
 from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import mlx.core as mx
@@ -35,10 +37,11 @@ import mlx.nn as nn
 import numpy as np
 
 from .errors import InputError, MlxterpError
-from .interventions import combined, replace_rows
+from .interventions import combined, replace_rows, reshaping
 from .results import ActivationPatching, LogitLens, TokenPredictions
 
 METRICS = ("l2", "mse", "cosine", "logit_diff")
+logger = logging.getLogger("mlxterp")  # the library prints nothing on stdout: what it has to say is logged
 
 
 # -- decoding hidden states -----------------------------------------------------
@@ -132,7 +135,7 @@ def logit_lens(model, text, layers: Optional[Iterable[int]] = None, top_k: int =
     ``{layer: [(token_id, logit, token_str), ...]}``; with ``position`` a list of
     positions, only those (``result.positions`` says which).
     ``plot=True`` (or a ``save_path``) also draws the heatmap (layers x last
-    ``max_display_tokens`` positions) into a PNG and prints its path. ``interventions``
+    ``max_display_tokens`` positions) into a PNG whose path is ``result.plot``. ``interventions``
     apply during the forward pass (as in ``model.trace``); ``should_stop`` can interrupt it.
     ``hidden_states`` (``{layer or full layer name: (1, L, hidden)}``, e.g. a trace's
     ``activations``) are decoded instead of running the model. ``lens="tuned"`` with
@@ -174,7 +177,7 @@ def logit_lens(model, text, layers: Optional[Iterable[int]] = None, top_k: int =
                        token_texts(model, ids), single=single)
     if plot or save_path is not None:
         path = result.save_plot(save_path, max_display_tokens=max_display_tokens, figsize=figsize, cmap=cmap)
-        print(f"Saved the logit lens heatmap to {path}")
+        logger.info("saved the logit lens heatmap to %s", path)
     return result
 
 
@@ -249,7 +252,7 @@ def activation_patching(model, clean_text, corrupted_text, component: Optional[s
     Returns an ``ActivationPatching``, which is ``{layer: recovery %}``; with ``positions``
     (a list of positions, or ``"all"``) each position is patched on its own and the result
     is ``{layer: {position: recovery %}}``. ``plot=True`` (or a ``save_path``) also saves a
-    bar chart (a heatmap by position) as a PNG and prints its path. The clean prompt runs once; the
+    bar chart (a heatmap by position) as a PNG (its path: ``result.plot``). The clean prompt runs once; the
     patched runs go ``batch_size`` rows per forward pass (a sweep that fits in
     one batch, clean and corrupted rows included, is a single forward pass).
     ``interventions`` (e.g. steering) apply to every run, clean and corrupted
@@ -298,7 +301,7 @@ def activation_patching(model, clean_text, corrupted_text, component: Optional[s
         if metric == "logit_diff" else None)
     if plot or save_path is not None:
         path = result.save_plot(save_path)
-        print(f"Saved the patching plot to {path}")
+        logger.info("saved the patching plot to %s", path)
     return result
 
 
@@ -388,7 +391,7 @@ def _patch_pass(model, clean_tokens, corrupted_tokens, jobs, names, intervention
     for layer in sorted(joining):
         growth[layer_names[layer - 1]] = _join_rows(rows_before, joining[layer])
         rows_before += joining[layer]
-    cut = {layer_names[-1]: lambda a: a[:, -1:]} if last_only else {}
+    cut = {layer_names[-1]: reshaping(lambda a: a[:, -1:])} if last_only else {}
     batch = mx.array([clean_tokens] + [corrupted_tokens] * (1 + len(from_start)))
     patches = _row_patches(jobs, names, first_row=2, source=lambda layer: None)
     changes = combined(interventions, patches, growth, cut, resolve=model.expand)
@@ -496,9 +499,36 @@ def _answer_ids(model, answers) -> Tuple[int, int]:
 
 
 def answer_id(model, answer) -> int:
-    """The token id of one answer: a token id, or a string that is a single token (BOS aside)."""
+    """The token id of one answer: a token id, or a string that is a single token (BOS aside).
+
+    An answer written without a leading space (``"Paris"``) warns when the spaced token
+    (``" Paris"``, the one that follows a word) exists and is another token."""
     if not isinstance(answer, str):
         return int(answer)
+    found = _single_token(model, answer)
+    warning = answer_warning(model, answer)
+    if warning:
+        warnings.warn(warning, UserWarning, stacklevel=2)
+    return found
+
+
+def answer_warning(model, answer: str) -> Optional[str]:
+    """The warning for an answer without a leading space whose spaced form is another single
+    token, or None."""
+    if not isinstance(answer, str) or not answer or answer[0].isspace():
+        return None
+    try:
+        bare, spaced = _single_token(model, answer), _single_token(model, " " + answer)
+    except InputError:
+        return None
+    if bare == spaced:
+        return None
+    return (f"the answer {answer!r} is token {bare} ({model.token_to_str(bare)!r}), not {spaced} "
+            f"({model.token_to_str(spaced)!r}, with a leading space), which is what follows a word: "
+            f"write {' ' + answer!r} if that is the answer meant")
+
+
+def _single_token(model, answer: str) -> int:
     tokens = model.encode(answer)
     bos = getattr(model.tokenizer, "bos_token_id", None)
     if tokens and bos is not None and tokens[0] == bos:

@@ -21,6 +21,7 @@ one row per batch. ``causal_trace`` returns one ``CausalTrace`` result.
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass, field
 from typing import Iterable, Optional, Sequence, Union
@@ -291,7 +292,7 @@ def causal_trace(model, prompt: str, subject, answer=None, *, kinds: Union[str, 
                          float(noise_std), samples, window, seed=seed, seconds=time.perf_counter() - started)
     if plot:
         path = result.save_plot(save_path)
-        print(f"Saved the causal trace heatmaps to {path}")
+        logging.getLogger("mlxterp").info("saved the causal trace heatmaps to %s", path)
     return result
 
 

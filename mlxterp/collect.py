@@ -41,12 +41,16 @@ PROGRESS_AFTER_SECONDS = 2.0
 SHARD_INDEX = "index"
 
 
-def get_activations(model, prompts, layers, positions: Union[int, Sequence[int]] = -1) -> Dict[str, mx.array]:
+def get_activations(model, prompts, layers=None, positions: Union[None, int, Sequence[int]] = -1) -> Dict[str, mx.array]:
     """Activations of ``layers`` at ``positions`` for every prompt, as one batch.
 
-    ``layers``: layer indices (keys ``"layer_3"``) and/or module names such as
-    ``"layers.3.mlp"`` (keyed by the name as given).
+    ``layers``: what ``mlxterp collect --layers`` takes, as a list or one string: layer
+    indices and ranges (``3``, ``-1``, ``"0..5"``, ``"3,8"``) and module names or patterns
+    (``"layers.3.mlp"``, ``"layers.*.attn"``); ``None``: every layer. Keys are one style:
+    ``"layer_3"`` for a whole layer (however it was named), the module's short name
+    (``"layers.3.self_attn"``) for anything else. ``positions``: ``None`` is the default, -1.
     """
+    positions = -1 if positions is None else positions
     prompts = _prompt_list(prompts)
     targets = _targets(model, layers)
     several = not isinstance(positions, int)
@@ -64,9 +68,9 @@ def get_activations(model, prompts, layers, positions: Union[int, Sequence[int]]
     return result
 
 
-def batch_get_activations(model, prompts, layers, batch_size: int = 32,
-                          positions: Union[int, Sequence[int]] = -1, out: Optional[Union[str, Path]] = None,
-                          shard_size: int = 4096, progress: Optional[bool] = None, group=None):
+def batch_get_activations(model, prompts, layers=None, batch_size: Optional[int] = 32,
+                          positions: Union[None, int, Sequence[int]] = -1, out: Optional[Union[str, Path]] = None,
+                          shard_size: Optional[int] = 4096, progress: Optional[bool] = None, group=None):
     """``get_activations`` over ``prompts`` in batches of ``batch_size``.
 
     Returns ``{key: array (n, ...)}`` in the order of ``prompts``; with ``out``
@@ -75,7 +79,12 @@ def batch_get_activations(model, prompts, layers, batch_size: int = 32,
     shows a bar only when the run looks longer than a few seconds. ``group``:
     split the prompts over the processes of an ``mx.distributed`` group (every
     process calls this with the same arguments); the bar shows on process 0.
+    ``layers`` and ``positions`` as ``get_activations`` takes them; ``None`` for
+    ``batch_size``/``shard_size``/``positions`` is their default.
     """
+    batch_size = 32 if batch_size is None else batch_size
+    shard_size = 4096 if shard_size is None else shard_size
+    positions = -1 if positions is None else positions
     prompts = _prompt_list(prompts)
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise InputError(f"batch_size must be a positive integer, got {batch_size!r}")
@@ -131,7 +140,7 @@ def batch_get_activations(model, prompts, layers, batch_size: int = 32,
 def _run_description(model, prompts, layers, positions, batch_size, shard_size) -> dict:
     """What makes shards of one run interchangeable: resuming needs all of it to match."""
     digest = hashlib.sha256(json.dumps(prompts).encode()).hexdigest()
-    layer_list_ = [layers] if isinstance(layers, (int, str)) else list(layers)
+    layer_list_ = None if layers is None else [layers] if isinstance(layers, (int, str)) else list(layers)
     return {
         "n_prompts": len(prompts), "prompts_sha256": digest, "layers": layer_list_,
         "positions": positions if isinstance(positions, int) else list(positions),
@@ -286,17 +295,37 @@ def _prompt_list(prompts) -> list:
 
 
 def _targets(model, layers) -> Dict[str, str]:
-    """{result key: full module name} for layer indices and module names."""
+    """{result key: full module name} for layer indices, ranges and module names or patterns
+    (the forms ``mlxterp collect --layers`` takes); None: every layer."""
+    from .core.paths import parse_layers
+
+    if layers is None:
+        layers = list(range(model.n_layers))
     if isinstance(layers, (int, str)):
         layers = [layers]
+    fulls = []
+    for item in layers:
+        if not isinstance(item, str):
+            fulls += [model.names.layer_names[layer] for layer in layer_list(model, [item])]
+            continue
+        selection = parse_layers(item)
+        parts = [item] if selection is not None else [p.strip() for p in item.split(",") if p.strip()]
+        for part in parts:
+            selection = parse_layers(part)
+            if selection is not None and selection.kind != "all":
+                fulls += [model.names.layer_names[i] for i in selection.indices(model.n_layers)]
+            elif selection is not None:
+                fulls += list(model.names.layer_names)
+            else:
+                fulls += model.expand(part)
     targets = {}
-    indices = [layer for layer in layers if not isinstance(layer, str)]
-    for layer in layer_list(model, indices) if indices else []:
-        targets[f"layer_{layer}"] = model.names.layer_names[layer]
-    for name in (layer for layer in layers if isinstance(layer, str)):
-        targets[name] = model.resolve(name)
+    for full in fulls:
+        layer = model.names.layer_index(full)
+        whole_layer = layer is not None and model.names.layer_names[layer] == full
+        targets[f"layer_{layer}" if whole_layer else model.short_name(full)] = full
     if not targets:
-        raise InputError("no layers given: pass layer indices like [3, 8] or names like 'layers.3.mlp'")
+        raise InputError("no layers given: pass layer indices like [3, 8], ranges like '0..5', "
+                         "or names like 'layers.3.mlp' / 'layers.*.attn'")
     return targets
 
 
@@ -345,9 +374,10 @@ class _LazyProgress:
             elapsed = time.monotonic() - self.started
             expected = elapsed / self.done * self.total
             if self.enabled or expected > PROGRESS_AFTER_SECONDS:
+                from rich.console import Console
                 from rich.progress import Progress
 
-                self.progress = Progress(transient=True)
+                self.progress = Progress(transient=True, console=Console(stderr=True))  # stdout stays the caller's
                 self.progress.start()
                 self.task = self.progress.add_task(self.label, total=self.total)
         if self.progress is not None:

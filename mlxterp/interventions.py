@@ -185,7 +185,17 @@ def chain(*steps: Intervention) -> Intervention:
         return activation
 
     composed.__name__ = " -> ".join(getattr(s, "__name__", "fn") for s in steps) or "identity"
+    if any(getattr(s, "changes_shape", False) for s in steps):
+        composed.changes_shape = True
     return composed
+
+
+def reshaping(function: Intervention) -> Intervention:
+    """Mark ``function`` as an intervention that may change its output's shape (the library's
+    own, such as a patching sweep keeping only the last position); a trace refuses any other
+    intervention whose result has another shape than the output."""
+    function.changes_shape = True
+    return function
 
 
 def combined(*groups: Optional[Mapping[str, Intervention]], resolve=None) -> Dict[str, Intervention]:

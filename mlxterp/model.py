@@ -176,8 +176,18 @@ class InterpretableModel(TokenizerHelpers):
             )
         return self._active_trace
 
-    def __call__(self, *args, **kwargs):
-        return self.model(*args, **kwargs)
+    def __call__(self, inputs, *args, **kwargs):
+        """The logits ``(batch, tokens, vocab)`` of ``inputs``, taken and checked as ``trace`` takes
+        them: a string, a list of strings, a list of token ids or an array of ids.
+
+        >>> model("The capital of France is").shape  # (1, 6, vocab)
+        >>> model([1, 267, 275])
+
+        With more arguments (``cache=``, a mask) the call goes to the wrapped model unchanged."""
+        if args or kwargs:
+            return self.model(inputs, *args, **kwargs)
+        with self.trace(inputs, capture=[], keep="saved") as trace:
+            return trace.save(OUTPUT)
 
     # -- analysis (mlxterp.analysis) ---------------------------------------------
     def get_token_predictions(self, hidden, top_k: int = 10, return_scores: bool = False):

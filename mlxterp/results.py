@@ -215,6 +215,19 @@ def _cell_width(cell) -> int:
     return max((cell_len(line) for line in text.split("\n")), default=0)
 
 
+def _joined(rows, stacked: bool) -> list[list]:
+    """Rows with each (main, detail) cell made one Text: on one line, or stacked on two."""
+    from rich.text import Text
+
+    def cell(value):
+        if not isinstance(value, tuple):
+            return value
+        main, detail = (part if hasattr(part, "plain") else Text(str(part)) for part in value)
+        return Text.assemble(main, "\n" if stacked else " ", detail)
+
+    return [[cell(value) for value in row] for row in rows]
+
+
 def _header_text(header) -> str:
     return " ".join((header.plain if hasattr(header, "plain") else str(header)).split())
 
@@ -251,7 +264,9 @@ class FitTable:
     def __init__(self, columns: list[Column], rows: list[list], title=None, label: bool = True,
                  notes: list | None = None):
         self.columns = columns
-        self.rows = [[c if hasattr(c, "plain") else str(c) for c in row] for row in rows]
+        # A cell is a str, a rich Text, or a (main, detail) pair of Texts: "main detail" on one
+        # line, or stacked on two when that lets the table keep its columns.
+        self.rows = [[c if hasattr(c, "plain") or isinstance(c, tuple) else str(c) for c in row] for row in rows]
         self.title = title
         self.label = label  # the first column names the rows
         self.notes = list(notes or [])
@@ -270,9 +285,10 @@ class FitTable:
         """(least, most) columns that column ``index`` can be drawn in."""
         column = self.columns[index]
         header = _cell_width(headers[index])
-        if column.cut_header:
-            header = min(header, CUT_HEADER)
-        natural = max([header, 1] + [_cell_width(row[index]) for row in rows])
+        cells = max([1] + [_cell_width(row[index]) for row in rows])
+        if column.cut_header:  # the whole header when there is room, else cut down to CUT_HEADER
+            return max(cells, min(header, CUT_HEADER)), max(cells, header)
+        natural = max(header, cells)
         if column.shrink or column.wrap:
             most = min(natural, column.max_width) if column.max_width else natural
             return min(most, column.min_width), most
@@ -298,7 +314,7 @@ class FitTable:
     def _fitted(self, width: int):
         from rich.text import Text
 
-        rows, headers = self.rows, [c.header for c in self.columns]
+        rows, headers = _joined(self.rows, stacked=False), [c.header for c in self.columns]
         shown = list(range(len(self.columns)))
 
         def needed(rows, headers) -> int:
@@ -312,6 +328,8 @@ class FitTable:
                 worst = max(candidates, key=lambda i: (self.columns[i].drop, i))
                 shown.remove(worst)
 
+        if needed(rows, headers) > width:
+            rows = _joined(self.rows, stacked=True)
         drop_columns(2)
         if self.label and needed(rows, headers) > width:
             rows, headers = self._shorter_labels(rows, headers)
@@ -759,8 +777,8 @@ class TokenPredictions(Result, Sequence):
 
         k = min(self.ids.shape[1] if self.ids.ndim == 2 else 0, SHOWN_RANKS)
         columns = [Column("")] + [Column(f"top {rank + 1}", drop=rank) for rank in range(k)]
-        rows = [[Text(label)] + [Text(f"{token_label(t)} {s:.2f}", style=colour_of(i)) for i, s, t in predictions[:k]]
-                for label, predictions in self.rows]
+        rows = [[Text(label)] + [(Text(token_label(t), style=colour_of(i)), Text(f"{s:.2f}", style=colour_of(i)))
+                                 for i, s, t in predictions[:k]] for label, predictions in self.rows]
         table = FitTable(columns, rows)
         if self.ids.ndim == 2 and self.ids.shape[1] > k:
             return Group(table, Text(f"showing the top {k} of {self.ids.shape[1]}; all are in the result's data "
@@ -856,8 +874,8 @@ class LogitLens(Result, LayerMapping):
             shown = min(k, SHOWN_RANKS)
             title = Text(f"logit lens at position {self.positions[0]} ({token_label(self.tokens[0])})")
             columns = [Column("layer", "right")] + [Column(f"top {rank + 1}", drop=rank) for rank in range(shown)]
-            rows = [[str(layer)] + [Text(f"{token_label(t)} {s:.2f}", style=colour_of(i)) for i, s, t in row[0]]
-                    for layer, row in zip(self.layers, self.top(shown))]
+            rows = [[str(layer)] + [(Text(token_label(t), style=colour_of(i)), Text(f"{s:.2f}", style=colour_of(i)))
+                                    for i, s, t in row[0]] for layer, row in zip(self.layers, self.top(shown))]
         else:
             # Too narrow, the token cells are cut ("…") and then the first positions left out
             # (named under the table); the layer column never is.

@@ -40,7 +40,7 @@ import numpy as np
 
 from .errors import InputError
 from .lens_sae_results import ActiveFeatures, FeatureExample, FeatureExamples, SAEMetrics
-from .training import ActivationRows, collect_tokens, train_loop
+from .training import TOKEN_KEYS, ActivationRows, collect_tokens, train_loop
 
 KINDS = ("topk", "batchtopk", "relu")
 CONFIG_FILE = "config.json"
@@ -373,7 +373,8 @@ def top_activating_examples(model, sae: SparseAutoencoder, texts, features: Opti
     for start in range(0, len(encoded), batch_size):
         batch = encoded[start:start + batch_size]
         tokens = collect_tokens(model, batch, [full], batch_size=batch_size, shard_size=len(batch), progress=False)
-        acts = np.array(sae.encode(tokens[full])[:, chosen]).T              # (features, tokens)
+        hidden = next(value for key, value in tokens.items() if key not in TOKEN_KEYS)
+        acts = np.array(sae.encode(hidden)[:, chosen]).T              # (features, tokens)
         where = np.stack([np.array(tokens["prompt"]) + start, np.array(tokens["position"])], axis=-1)
         n_tokens += where.shape[0]
         values = np.concatenate([best_values, acts], axis=1)
@@ -405,7 +406,10 @@ def top_activating_examples(model, sae: SparseAutoencoder, texts, features: Opti
 
 def active_features(model, sae: SparseAutoencoder, text, position: int = -1, top: int = 10,
                     interventions=None) -> ActiveFeatures:
-    """The ``top`` features of ``sae`` most active at ``position`` of ``text`` (what ``features layers.8 @ -1 top 10`` asks)."""
+    """The ``top`` features of ``sae`` most active at ``position`` of ``text``.
+
+    What the query language's ``features layers.8 @ -1 top 10`` asks, with the SAE loaded for ``layers.8``.
+    """
     from .analysis import _check_position
 
     module = model.resolve(_module_of(sae))

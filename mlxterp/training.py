@@ -174,9 +174,9 @@ def _rows(array: mx.array) -> mx.array:
 
 # -- the training loop ----------------------------------------------------------------
 
-def train_loop(module: nn.Module, loss_fn: Callable, batches: Iterator, *, steps: int, learning_rate: float,
-               checkpoint_dir=None, checkpoint_every: int = 100, resume: bool = True, progress=None,
-               config: Optional[dict] = None, after_step: Optional[Callable] = None,
+def train_loop(module: nn.Module, loss_fn: Callable, batches: Callable[[int], Iterator], *, steps: int,
+               learning_rate: float, checkpoint_dir=None, checkpoint_every: int = 100, resume: bool = True,
+               progress=None, config: Optional[dict] = None, after_step: Optional[Callable] = None,
                label: str = "Training") -> List[float]:
     """Adam on ``loss_fn(module, batch)`` for ``steps`` steps; returns the loss of every step.
 

@@ -34,7 +34,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model", default="demo", help="'demo', an mlx-lm model directory or a hub id (default: demo)")
     parser.add_argument("--layers", required=True,
                         help="comma-separated layer indices (8, -1, 0..15) and module names (layers.5.mlp)")
-    parser.add_argument("--positions", default="-1", help="comma-separated token positions of each prompt (default: -1)")
+    parser.add_argument("--positions", default="-1",
+                        help="comma-separated token positions of each prompt (default: -1), or 'all': every token, "
+                             "one row per token, as tuned lens and SAE training read (docs/sae.md)")
     parser.add_argument("--out", required=True, help="directory for the shards (created; a stopped run here resumes)")
     parser.add_argument("--batch-size", type=int, default=32, help="prompts per forward pass (default: 32)")
     parser.add_argument("--shard-size", type=int, default=4096, help="prompts per shard file (default: 4096)")
@@ -119,6 +121,8 @@ def main(args: list[str]) -> int:
         prompts = read_prompts(Path(options.prompts))
         model = InterpretableModel(options.model)
         layers = parse_layers(model, options.layers)
+        if options.positions.strip() == "all":
+            return _collect_every_token(model, prompts, layers, options, size, started)
         positions = parse_positions(options.positions)
         out = batch_get_activations(
             model, prompts, layers, batch_size=options.batch_size, positions=positions, out=options.out,
@@ -133,6 +137,27 @@ def main(args: list[str]) -> int:
         print(f"wrote activations of {meta['n_prompts']} prompts ({', '.join(meta['keys'])}) to {out}: "
               f"{len(meta['shards'])} shards, {size} process{'es' if size > 1 else ''}, "
               f"{time.monotonic() - started:.1f} s")
+    return 0
+
+
+def _collect_every_token(model, prompts, layers, options, size: int, started: float) -> int:
+    """``--positions all``: mlxterp.training.collect_tokens, in one process."""
+    from mlxterp.errors import MlxterpError
+    from mlxterp.training import collect_tokens
+
+    if size > 1:
+        print("mlxterp collect: --positions all runs in one process; start it without mlx.launch", file=sys.stderr)
+        return 1
+    try:
+        out = collect_tokens(model, prompts, layers, out=options.out, batch_size=options.batch_size,
+                             shard_size=options.shard_size, progress=False if options.no_progress else None)
+    except MlxterpError as exc:
+        print(f"mlxterp collect: {exc}", file=sys.stderr)
+        return 1
+    meta = json.loads((Path(out) / "meta.json").read_text())
+    keys = [key for key in meta["keys"] if key not in ("token", "prompt", "position")]
+    print(f"wrote activations of every token ({meta['n_prompts']} tokens of {len(prompts)} prompts; "
+          f"{', '.join(keys)}) to {out}: {len(meta['shards'])} shards, {time.monotonic() - started:.1f} s")
     return 0
 
 

@@ -11,6 +11,7 @@ embedded PNGs) and its plain-text drawing; Python gets them back as:
     mlxq.bind("x", array)   make `$x` hold a Python array (`%mlxq --bind x=array` does the same)
     mlxq.run(text)          run text from Python; its results (errors raise)
 
+Tab completes query text in `%mlxq` lines and `%%mlxq` cells (the daemon's `complete` op).
 Errors show the line, the span underlined and what is valid there, as in the REPL. While a
 query runs a progress line is shown; the notebook's interrupt button stops the query in the
 daemon (the session keeps its prompt and `$` names).
@@ -150,6 +151,21 @@ class NotebookQueries:
         result = result_from_data(data)
         self.mirror[name] = result
         return result
+
+    def complete(self, code: str, offset: int) -> list[dict]:
+        """Completion items ({label, kind, detail, insert_text, start}) at `offset` of query text,
+        from where queries run now; none before the first query (completion starts nothing)."""
+        if self.local and self._session is not None:
+            from mlxterp_repl.dsl import complete
+
+            return [{"label": c.label, "kind": c.kind, "detail": c.detail, "insert_text": c.insert_text,
+                     "start": c.start} for c in complete(code, offset, self._session.completion_context())]
+        if self.local or self.client is None:
+            return []
+        try:
+            return self.client.complete(code, offset)
+        except (daemon_client.DaemonError, OSError):
+            return []
 
     # --- running -----------------------------------------------------------------
 
@@ -337,6 +353,49 @@ def finish(shell, queries: NotebookQueries, shown: list, quiet: bool) -> None:
             display_result(result)
 
 
+_LINE_MAGIC = re.compile(r"^\s*%mlxq(?=\s|$)(.*)$")
+_CELL_MAGIC = re.compile(r"^\s*%%mlxq(?=\s|$)[^\n]*\n")
+
+
+def query_before_cursor(text: str) -> str | None:
+    """The query text up to the cursor when the cursor is in a `%%mlxq` cell or on a `%mlxq`
+    line (`text`: the cell up to the cursor), else None."""
+    cell = _CELL_MAGIC.match(text)
+    if cell is not None:
+        return text[cell.end():]
+    line = _LINE_MAGIC.match(text.rsplit("\n", 1)[-1])
+    if line is None:
+        return None
+    try:
+        return parse_options(line.group(1))[1]
+    except ValueError:
+        return None
+
+
+def completion_matcher(queries: NotebookQueries):
+    """An IPython matcher: completion of query text (statements, module paths, $ names, the
+    prompt's tokens) inside `%mlxq` lines and `%%mlxq` cells, from the daemon's `complete` op."""
+    from IPython.core.completer import SimpleCompletion, context_matcher
+
+    @context_matcher(priority=10)  # before IPython's own (magics, Python names): this text is a query
+    def mlxq_matcher(context):
+        lines = context.full_text.split("\n")  # the cursor is a line and a column in the line
+        before = "\n".join(lines[:context.cursor_line] + [lines[context.cursor_line][:context.cursor_position]])
+        query = query_before_cursor(before)
+        if query is None:
+            return {"completions": [], "suppress": False}
+        items = queries.complete(query, len(query))
+        starts = {item.get("start", len(query)) for item in items}
+        if len(starts) != 1:  # one fragment is replaced for all of them
+            items = [item for item in items if item.get("start", len(query)) == max(starts)] if starts else []
+        start = items[0].get("start", len(query)) if items else len(query)
+        completions = [SimpleCompletion(item.get("insert_text") or item["label"], type=item.get("kind", "mlxq"))
+                       for item in items]
+        return {"completions": completions, "matched_fragment": query[start:], "suppress": bool(completions)}
+
+    return mlxq_matcher
+
+
 def load_ipython_extension(ipython) -> None:
     """Register `%mlxq` / `%%mlxq` and put `mlxq` in the namespace (`%load_ext mlxterp`)."""
     from IPython.core.magic import Magics, line_cell_magic, magics_class
@@ -358,3 +417,6 @@ def load_ipython_extension(ipython) -> None:
             return run_magic(self.shell, queries, line, cell)
 
     ipython.register_magics(MlxqMagics)
+    matchers = ipython.Completer.custom_matchers
+    matchers[:] = [m for m in matchers if getattr(m, "__name__", "") != "mlxq_matcher"]  # %reload_ext
+    matchers.append(completion_matcher(queries))

@@ -506,12 +506,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model", help="model the daemon loads if it has to start one (default: demo)")
     parser.add_argument("--runtime-dir", help="the daemon's runtime directory (default: as `mlxterp serve`)")
     parser.add_argument("--socket", help="the daemon's socket path")
+    parser.add_argument("--width", type=int, metavar="N",
+                        help="draw results N columns wide (default: the terminal's width, or COLUMNS)")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     options = build_parser().parse_args(argv)
-    console = Console(highlight=False)
+    # No --width: the terminal's width at each result (rich asks again when the window changes).
+    console = Console(highlight=False, width=max(options.width, 20) if options.width else None)
     try:
         client = daemon_client.connect(model=options.model or "demo", runtime_dir=options.runtime_dir,
                                        socket_path=options.socket)

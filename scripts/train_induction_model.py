@@ -1,22 +1,26 @@
 """Train the bundled induction model (mlxterp/assets/induction) from nothing.
 
-A two-layer, attention-only Llama (hidden 64, 4 heads per layer, no MLP: each
-block's MLP has one hidden unit with all its weights zero and frozen, so it adds
-exactly nothing) trained on sequences of random words in which a random
-stretch is repeated later at a random distance. Predicting the second copy
-needs an induction circuit: a previous-token head in layer 0 and a head in
-layer 1 that attends to the token after the earlier occurrence of the current
-token. Stretch lengths and gaps vary, so no fixed positional offset solves it.
+A two-layer, attention-only GPT-2 (hidden 128, N_HEAD heads per layer, learned positions;
+each block's MLP is zeroed and frozen, so it adds exactly nothing) trained on sequences
+of 60 words built so that two circuits pay off:
 
-The directory is an ordinary mlx-lm model directory (config.json, safetensors,
-a word-level tokenizer with 60 words), so ``InterpretableModel(path)`` and
-``mlx_lm.load(path)`` load it; ``mlxterp.heads.induction_model()`` is the
-short way. Deterministic (fixed seeds); under a minute on a 2-core CPU.
+* half of the words follow a fixed rule from the word two back (SKIP_TABLE): predicting
+  them needs the previous word at each position, which a previous-token head in
+  layer 0 provides;
+* one stretch of random words (4 .. 20 of them) is repeated: predicting the second copy
+  needs an induction head in layer 1, which finds where the current word occurred
+  before (through layer 0's previous-token head) and copies the word that followed.
+
+Copies of random length at random places leave no fixed offset to exploit. The
+directory is an ordinary mlx-lm model directory (config.json, safetensors, a
+word-level tokenizer), so ``InterpretableModel(path)`` and ``mlx_lm.load(path)`` load it;
+``mlxterp.heads.induction_model()`` is the short way. Deterministic (fixed seeds);
+about 7 minutes on a 2-core CPU (OpenBLAS).
 
     .venv/bin/python scripts/train_induction_model.py [--out DIR]
 
-The script stops with an error when the trained model's loss on the second
-copy of repeated random words is not far below chance (MAX_REPEAT_LOSS nats).
+The script stops with an error when the trained model's loss on the second copy of
+repeated words is not far below chance (MAX_REPEAT_LOSS nats).
 """
 
 import argparse
@@ -57,6 +61,7 @@ WORDS = (
 ).split()
 assert len(WORDS) == len(set(WORDS)) == 60
 
+N_HEAD = 4
 SEQ_LEN = 41          # tokens per training sequence, BOS included
 BATCH_SIZE = 32
 STEPS = 3000
@@ -70,7 +75,7 @@ MAX_REPEAT_LOSS = 0.7  # nats per token on the predictable part of the second co
 MODEL_ARGS = dict(
     model_type="gpt2",
     n_embd=128,
-    n_head=4,
+    n_head=N_HEAD,
     n_layer=2,
     n_ctx=SEQ_LEN,
     n_positions=SEQ_LEN,
@@ -180,7 +185,7 @@ def main():
     make_attention_only(model)
     mx.eval(model.parameters())
     n_params = sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
-    print(f"model: 2-layer attention-only llama, {n_params:,} trained parameters")
+    print(f"model: 2-layer attention-only gpt2, {n_params:,} trained parameters")
 
     seconds = train(model, rng)
     final = repeat_loss(model, np.random.default_rng(SEED + 1))

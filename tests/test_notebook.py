@@ -123,7 +123,7 @@ def test_binding_a_bad_name_or_value_says_what_is_wrong(runtime_dir):
         assert result["arrays"][0]["array"].tolist() == [[2.0] * 3] * 2
 
 
-# --- interrupting ------------------------------------------------------------------------
+# --- completion and interrupting in a live kernel -----------------------------------------
 
 def execute(kernel, code: str, timeout: float = 60.0, on_message=None) -> tuple[dict, list[dict]]:
     """Run `code`; (execute_reply content, the iopub messages of it)."""
@@ -140,22 +140,33 @@ def execute(kernel, code: str, timeout: float = 60.0, on_message=None) -> tuple[
             if on_message is not None:
                 on_message(message)
             if message["msg_type"] == "status" and message["content"]["execution_state"] == "idle":
-                reply = kernel.get_shell_msg(timeout=10)
-                while reply["parent_header"].get("msg_id") != msg_id:
-                    reply = kernel.get_shell_msg(timeout=10)
-                return reply["content"], messages
+                return shell_reply(kernel, msg_id), messages
     raise AssertionError(f"no reply within {timeout} s; got {[m['msg_type'] for m in messages]}")
+
+
+def shell_reply(kernel, msg_id: str) -> dict:
+    reply = kernel.get_shell_msg(timeout=10)
+    while reply["parent_header"].get("msg_id") != msg_id:
+        reply = kernel.get_shell_msg(timeout=10)
+    return reply["content"]
 
 
 def stderr_of(messages) -> str:
     return "".join(m["content"]["text"] for m in messages if m["msg_type"] == "stream" and m["content"]["name"] == "stderr")
 
 
-def test_interrupt_button_stops_a_long_query_and_the_session_goes_on(runtime_dir, tmp_path):
+def test_tab_completes_queries_and_interrupt_stops_a_long_one_and_the_session_goes_on(runtime_dir, tmp_path):
     manager, kernel = start_new_kernel(kernel_name="python3", cwd=str(tmp_path))
     try:
         reply, _ = execute(kernel, '%load_ext mlxterp\n%mlxq prompt "The capital of France is"')
         assert reply["status"] == "ok"
+        for code in ("%%mlxq\nsave layers.8.", "%mlxq save layers.8."):  # Tab in a cell, on a line
+            completion = shell_reply(kernel, kernel.complete(code, len(code)))
+            assert {"mlp", "self_attn"} <= set(completion["matches"]), completion
+            assert completion["cursor_start"] == completion["cursor_end"] == len(code)
+        code = '%mlxq save layers.8 @ "Fra'
+        completion = shell_reply(kernel, kernel.complete(code, len(code)))
+        assert completion["matches"] == ['"France"'] and completion["cursor_start"] == len(code) - 4
         long_query = "\n".join(f'lens @ -1 top 1 in "Country number {i} has a capital"' for i in range(400))
         progress, interrupted_at = [], []
 

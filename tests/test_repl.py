@@ -24,10 +24,11 @@ PROMPT = 'prompt "The capital of France is"\r'
 CTRL_C, CTRL_D, CTRL_R, TAB = "\x03", "\x04", "\x12", "\t"
 # 40 statements, each a full trace of its own long input (no trace cache hits); a trace
 # stops at a module boundary once the daemon is asked to, so the whole text stops early.
-# 40 statements, each patching every position of every layer on a ~200-token prompt (thousands of
-# forward-pass rows): seconds of work even on a GPU, short enough to paste (interrupted early).
-LONG_QUERY = "\n".join(f'patch mlp clean "{i}: ' + "Paris is the capital of France. " * 28 + f'" corrupt "{i}: '
-                       + "London is the capital of France. " * 28 + '" @ *' for i in range(40))
+# 40 statements, each patching every position of every layer of a ~90-token prompt on its own
+# (about 1,400 rows in 45 batched passes): seconds of work even on a GPU, yet every step between
+# two interrupt checks (one layer of one pass) is short on a busy CPU; short enough to paste.
+LONG_QUERY = "\n".join(f'patch mlp clean "{i}: ' + "Paris is the capital of France. " * 12 + f'" corrupt "{i}: '
+                       + "London is the capital of France. " * 12 + '" @ *' for i in range(40))
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
@@ -247,10 +248,9 @@ def test_ctrl_c_stops_a_long_patch_early(client, tmp_path):
         timings["prompt"] = time.monotonic()
         pipe.send_text(CTRL_D)
 
-    clean, corrupt = "Paris is the capital of France. " * 40, "London is the capital of France. " * 40
-    # Every position of every layer patched on its own: thousands of rows, seconds even on a GPU.
-    Typist(client, tmp_path).run(f'patch mlp clean "{clean}" corrupt "{corrupt}" @ *\r', script)
-    assert timings["prompt"] - timings["interrupt"] < 1.0  # the whole sweep takes many seconds
+    # Patches of every position of every layer (LONG_QUERY): the first alone takes seconds on a CPU.
+    Typist(client, tmp_path).run(pasted(LONG_QUERY) + "\r", script)
+    assert timings["prompt"] - timings["interrupt"] < 1.0  # stopped at a layer boundary inside a pass
 
 
 def test_ctrl_d_leaves_and_the_daemon_keeps_running(client, daemon, tmp_path):

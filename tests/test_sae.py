@@ -157,3 +157,15 @@ def test_collect_tokens_resumes_a_stopped_run_and_refuses_a_different_one(demo_m
         assert np.array_equal(np.array(before[key]), np.array(after[key])), key
     with pytest.raises(InputError, match="different run"):
         collect_tokens(demo_model, texts[0][:50], [8], out=shards, shard_size=128, progress=False)
+
+
+def test_mlxterp_collect_positions_all_writes_rows_train_sae_reads(texts, tmp_path, capsys):
+    from mlxterp_repl.collect import main
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(texts[1][:20]) + "\n")
+    assert main([str(prompts), "--layers", "8", "--positions", "all", "--out", str(tmp_path / "acts"),
+                 "--no-progress"]) == 0
+    assert "every token" in capsys.readouterr().out
+    trained = train_sae(tmp_path / "acts", kind="relu", steps=3, **OPTIONS)
+    assert trained.history.shape == (3,)

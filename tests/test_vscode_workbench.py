@@ -55,7 +55,7 @@ SAVE_LINE, STATS_LINE, OUT_OF_RANGE_LINE = 3, 4, 5  # 1-based, as VS Code number
 # Where the workbench shows things (VS Code's DOM, stable across recent releases)
 CODE_LENS = ".contentWidgets .codelens-decoration a"
 PROBLEM_ROWS = ".markers-panel .monaco-list-row"
-SUGGESTIONS = ".suggest-widget .monaco-list-row"
+SUGGESTIONS = ".suggest-widget .monaco-list-row .label-name"  # the label alone, not its detail
 HOVER = ".monaco-hover .hover-contents"
 NOTIFICATIONS = ".notifications-toasts .notification-toast"
 
@@ -224,6 +224,21 @@ def completion_labels(workbench: Workbench, name: str, line: int, typed: str, ex
     return labels
 
 
+def language_servers(runtime_dir: Path) -> list[list[str]]:
+    """The command lines of the `mlxterp lsp` processes serving `runtime_dir` (the extension puts
+    mlxq.runtimeDir into their environment)."""
+    found = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            argv = proc.joinpath("cmdline").read_bytes().decode(errors="replace").split("\0")[:-1]
+            environ = proc.joinpath("environ").read_bytes().decode(errors="replace").split("\0")
+        except OSError:
+            continue
+        if "lsp" in argv and f"MLXTERP_RUNTIME_DIR={runtime_dir}" in environ:
+            found.append(argv)
+    return found
+
+
 # --- fixtures ------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -292,6 +307,8 @@ def test_the_extension_activates_with_no_error_in_its_log(workbench):
         assert not console_errors, "extension errors in the workbench console:\n" + "\n".join(console_errors)
         assert not toasts, toasts
         assert any("Run file" in t for t in lenses), f"no code lens from the language server: {lenses}"
+        servers = language_servers(workbench.runtime_dir)
+        assert len(servers) == 1 and servers[0].count("--stdio") == 1, servers
 
 
 def test_the_problems_panel_shows_an_out_of_range_layer(workbench):
@@ -335,8 +352,7 @@ def test_running_the_file_shows_an_inline_result_on_its_line(workbench):
 def test_completion_after_save_layers_8_offers_its_children(workbench):
     with workbench.checking("completion"):
         labels = completion_labels(workbench, QUERY_FILE, OUT_OF_RANGE_LINE, "\nsave layers.8.", expect="self_attn")
-        names = {label.split()[0] for label in labels if label}
-        assert {"mlp", "self_attn"} <= names, labels
+        assert {"mlp", "self_attn"} <= set(labels), labels
 
 
 def test_a_daemon_killed_mid_session_comes_back(workbench):

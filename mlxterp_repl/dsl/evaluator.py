@@ -259,6 +259,7 @@ class Session:
                 raise QueryError(f"${node.var.name} holds {len(value.arrays)} arrays; {node.kind} takes one",
                                  node.var.span, [label for label, _ in value.arrays])
             array = value.arrays[0][1]
+            self.check_vector(node, array)
             digest = hashlib.sha1(np.ascontiguousarray(array).tobytes()).hexdigest()[:16]
             key += f" #{digest}"
             if node.kind == "add":
@@ -267,6 +268,38 @@ class Session:
             return iv.replace_with(mx.array(array)), key
         except MlxterpError as error:
             raise QueryError(str(error), node.span) from None
+
+    def check_vector(self, node: ast.Intervention, array) -> None:
+        """`add $v` needs a vector as wide as each target's output; `replace $x` an array ending in
+        that width. Checked where the intervention is written, not at the next query."""
+        shape = tuple(np.shape(array))
+        for full in self.expand(node.target):
+            width = self.output_width(full)
+            if width is None:
+                continue
+            label = self.label(full)
+            if node.kind == "add" and shape != (width,):
+                what = "is a scalar" if shape == () else f"has shape {shape}"
+                raise QueryError(f"${node.var.name} {what}; add on {label} takes a vector of shape ({width},), "
+                                 f"the width of {label}'s output", node.var.span)
+            if node.kind == "replace" and (not shape or shape[-1] != width):
+                what = "is a scalar" if shape == () else f"has shape {shape}"
+                raise QueryError(f"${node.var.name} {what}; replace on {label} takes an array whose last "
+                                 f"dimension is {width} (shape ({width},) or (tokens, {width}))", node.var.span)
+
+    def output_width(self, full: str) -> int | None:
+        """The last dimension of module `full`'s output: the hidden size for a layer, else from a
+        one-token forward pass (remembered per model)."""
+        model = self.model
+        if full in model.names.layer_names and model.hidden_size:
+            return model.hidden_size
+        known = self.__dict__.setdefault("_output_widths", {})
+        key = (id(model), full)
+        if key not in known:
+            with model.trace([[0]], capture=[] if full == OUTPUT else [full], keep="saved") as tr:
+                value = tr.save(full)
+            known[key] = int(value.shape[-1]) if value.ndim else None
+        return known[key]
 
     def interventions_in_force(self, run: Run) -> tuple[dict, str | None]:
         """{target: function} for the trace (steering, then `with`), and the cache text."""
@@ -484,6 +517,7 @@ class Session:
         if node.position is not None:
             positions = list(dict.fromkeys(self.patch_positions(node.position, clean_tokens, corrupt_tokens)))
         answers = [self.answer_id(answer) for answer in node.answers] if node.answers else None
+        run.notes.extend(self.answer_warnings(node.answers or []))
         if run.should_stop is not None and run.should_stop():
             raise Interrupted("stopped before the patching sweep ran")
         interventions, _ = self.interventions_in_force(run)
@@ -503,12 +537,21 @@ class Session:
 
     def answer_id(self, answer: ast.String) -> int:
         """The token id of one `answers` string, which must be a single token (BOS aside)."""
+        import warnings
+
         from mlxterp.analysis import answer_id
 
         try:
-            return answer_id(self.model, answer.value)
+            with warnings.catch_warnings():  # said under the result instead (answer_warnings)
+                warnings.simplefilter("ignore")
+                return answer_id(self.model, answer.value)
         except (MlxterpError, UnicodeError) as error:
             raise QueryError(str(error), answer.span) from None
+
+    def answer_warnings(self, answers: list) -> list[str]:
+        from mlxterp.analysis import answer_warning
+
+        return [w for w in (answer_warning(self.model, a.value) for a in answers) if w]
 
     def do_with(self, node: ast.With, run: Run):
         self.need_model(node)

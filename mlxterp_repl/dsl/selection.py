@@ -38,10 +38,11 @@ def position_spec(node):
 def select(node, tokens: list[str]) -> tuple[list[int], bool]:
     """Token indices a position node means, and whether it names a single token."""
     if isinstance(node, ast.PositionList):
-        return [select(item, tokens)[0][0] for item in node.items], False
+        return [p for item in node.items for p in select(item, tokens)[0]], False
     spec = position_spec(node)
     try:
-        return positions.select_positions(spec, tokens), positions.names_one(spec)
+        chosen = positions.select_positions(spec, tokens)
+        return chosen, positions.names_one(spec) and len(chosen) == 1
     except PositionError as error:
         raise QueryError(str(error), node.span, error.suggestions or error.valid) from None
 

@@ -161,9 +161,7 @@ const ops = {
     const input = page.locator(".settings-editor .settings-body .setting-item-contents input").first();
     await page.locator(".settings-editor .setting-item-contents", { hasText: "Path of the" }).first()
       .waitFor({ timeout: 15000 });
-    await input.click();
-    await page.keyboard.press("Control+A");
-    await page.keyboard.type(value);
+    await input.fill(value); // at once: typing races the editor's re-render after each write
     await sleep(1000); // the editor writes the setting after a short debounce
     await page.keyboard.press("Escape");
     await page.keyboard.press("Escape");
