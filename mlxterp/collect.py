@@ -35,6 +35,7 @@ import mlx.core as mx
 
 from . import distributed
 from .analysis import layer_list
+from .attention import token_axis
 from .errors import InputError
 
 PROGRESS_AFTER_SECONDS = 2.0
@@ -58,11 +59,14 @@ def get_activations(model, prompts, layers=None, positions: Union[None, int, Seq
 
     with model.trace(prompts, capture=list(targets.values())) as tr:
         outputs = {key: tr.save(name) for key, name in targets.items()}
-    length = next(iter(outputs.values())).shape[1]
+    length = len(tr.tokens[0]) + tr.padding[0] if tr.tokens else next(iter(outputs.values())).shape[1]
     index = _gather_index(tr.tokens, tr.padding, length, position_list, prompts)
     result = {}
     for key, activation in outputs.items():
-        picked = mx.take_along_axis(activation, index[..., None], axis=1)
+        # Positions index the token axis of the module's layout (RoPE: (batch, heads, tokens, head_dim)).
+        axis = token_axis(model, targets[key], activation.shape, length)
+        tokens_second = mx.moveaxis(activation, axis, 1) if axis != 1 else activation
+        picked = mx.take_along_axis(tokens_second, index.reshape(index.shape + (1,) * (activation.ndim - 2)), axis=1)
         result[key] = picked if several else picked[:, 0]
     mx.eval(result)
     return result
@@ -309,7 +313,7 @@ def _targets(model, layers) -> Dict[str, str]:
             fulls += [model.names.layer_names[layer] for layer in layer_list(model, [item])]
             continue
         selection = parse_layers(item)
-        parts = [item] if selection is not None else [p.strip() for p in item.split(",") if p.strip()]
+        parts = [item] if selection is not None else _comma_parts(item)
         for part in parts:
             selection = parse_layers(part)
             if selection is not None and selection.kind != "all":
@@ -327,6 +331,19 @@ def _targets(model, layers) -> Dict[str, str]:
         raise InputError("no layers given: pass layer indices like [3, 8], ranges like '0..5', "
                          "or names like 'layers.3.mlp' / 'layers.*.attn'")
     return targets
+
+
+def _comma_parts(text: str) -> List[str]:
+    """``"3,8,layers.[1,2].attn"`` -> its parts, split at commas outside brackets."""
+    parts, depth, current = [], 0, ""
+    for char in text:
+        depth += {"[": 1, "]": -1}.get(char, 0)
+        if char == "," and depth == 0:
+            parts.append(current)
+            current = ""
+        else:
+            current += char
+    return [p.strip() for p in parts + [current] if p.strip()]
 
 
 def _position_list(positions) -> List[int]:

@@ -25,6 +25,7 @@ same order, or the program waits forever. That is how scripts under
 from __future__ import annotations
 
 import json
+import os
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -35,11 +36,42 @@ DTYPES = [mx.float32, mx.float16, mx.bfloat16, mx.int32, mx.int64, mx.uint32, mx
 MAX_DIMS = 8
 
 
+BACKENDS = ("any", "ring", "mpi", "nccl", "jaccl")
+
+
+def backend_choice() -> str:
+    """The ``mx.distributed`` backend to start: ``MLXTERP_DISTRIBUTED_BACKEND`` when set; on an NVIDIA GPU
+    ``nccl`` when this MLX build has it (GPU-to-GPU collectives; ``mlx.launch --backend nccl``); else ``any``
+    (whatever ``mlx.launch`` set up: ring, MPI, ...)."""
+    wanted = os.environ.get("MLXTERP_DISTRIBUTED_BACKEND", "").strip().lower()
+    if wanted:
+        if wanted not in BACKENDS:
+            raise ValueError(f"MLXTERP_DISTRIBUTED_BACKEND={wanted!r} is not a backend; valid: {', '.join(BACKENDS)}")
+        return wanted
+    on_cuda = hasattr(mx, "cuda") and mx.cuda.is_available()
+    if on_cuda and mx.distributed.is_available(backend="nccl") and _launched_for("nccl"):
+        return "nccl"
+    return "any"
+
+
+def _launched_for(backend: str) -> bool:
+    """Whether the environment of this process was set up by a launcher for ``backend``."""
+    if backend == "nccl":
+        return bool(os.environ.get("NCCL_HOST_IP"))
+    return False
+
+
+def init_world():
+    """The global group of the processes ``mlx.launch`` started, on the backend ``backend_choice()``
+    names (a group of size 1 when the process runs alone)."""
+    return mx.distributed.init(backend=backend_choice())
+
+
 def world(group=None):
     """The group to use: ``group`` as given, else the global one started by ``mlx.launch`` (size 1 alone)."""
     if group is not None:
         return group
-    return mx.distributed.init()
+    return init_world()
 
 
 def is_distributed(group) -> bool:

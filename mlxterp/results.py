@@ -7,7 +7,9 @@ arrays) with these views of it:
   ``{layer: [[(token_id, logit, token), ...] per position]}`` (``result[layer]``,
   iteration, ``.items()``, ``.to_dict()``), token predictions are a list of ids, a
   patching sweep is ``{layer: recovery %}``, attention patterns ``{layer: array}``;
-* ``render()`` / ``__rich__``: a rich renderable for a terminal (``rich.print(result)``);
+* ``render()`` / ``__rich__``: a rich renderable for a terminal (``rich.print(result)``),
+  whose tables (``FitTable``) fit the width they are drawn at: columns left out (and named)
+  before a row label or a number is cut, large results summarised with where the rest is;
 * ``_repr_html_()``: an HTML table for notebooks (with the plot embedded as a PNG when
   the result has one);
 * ``summary(max_len)``: one line;
@@ -334,14 +336,16 @@ class FitTable:
         if self.label and needed(rows, headers) > width:
             rows, headers = self._shorter_labels(rows, headers)
         drop_columns(1)
-        if needed(rows, headers) > width:
-            yield from self._records(rows, headers, width)
+        if needed(rows, headers) > width:  # one block per row, with its whole label
+            yield from self._records(_joined(self.rows, stacked=False), [c.header for c in self.columns], width)
             return
         yield self._table(rows, headers, shown, self._allot(rows, headers, shown, width))
         left_out = [i for i in range(len(self.columns)) if i not in shown]
         if left_out:
-            names = ", ".join(_header_text(headers[i]) or self.columns[i].name or "(unnamed)" for i in left_out)
-            yield Text(f"not shown at {width} columns: {names}; {WIDTH_HINT}", style="dim")
+            names = [_header_text(headers[i]) or self.columns[i].name or "(unnamed)" for i in left_out]
+            if len(names) > 5:  # many (the first positions of a long prompt): the first and last of them
+                names = [f"{len(names)} columns ({names[0]}", "…", f"{names[-1]})"]
+            yield Text(f"not shown at {width} columns: {', '.join(names)}; {WIDTH_HINT}", style="dim")
 
     def _shorter_labels(self, rows, headers):
         from rich.text import Text

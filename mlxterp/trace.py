@@ -125,7 +125,9 @@ def _apply(change, activation, name):
             "an intervention is a function taking and returning an mx.array"
         )
     # The batch may grow (a patching sweep adds rows at a layer); every other axis must stay.
-    if not getattr(change, "changes_shape", False) and isinstance(activation, mx.array) and (result.ndim != activation.ndim or result.shape[1:] != activation.shape[1:]):
+    same_shape = result.ndim == getattr(activation, "ndim", result.ndim) and \
+        result.shape[1:] == getattr(activation, "shape", result.shape)[1:]
+    if not same_shape and not getattr(change, "changes_shape", False):
         raise TraceError(
             f"the intervention on {name} returned shape {tuple(result.shape)}, but {name}'s output has shape "
             f"{tuple(activation.shape)}; an intervention must return an array of the output's shape"

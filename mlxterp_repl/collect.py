@@ -109,12 +109,12 @@ def parse_positions(text: str):
 
 def main(args: list[str]) -> int:
     options = build_parser().parse_args(args)
-    import mlx.core as mx
-
     from mlxterp import InterpretableModel, batch_get_activations
     from mlxterp.errors import MlxterpError
 
-    group = mx.distributed.init()
+    from mlxterp.distributed import init_world
+
+    group = init_world()
     rank, size = group.rank(), group.size()
     started = time.monotonic()
     try:

@@ -108,7 +108,7 @@ def run_script(source: str, session, *, as_json: bool = False, keep_going: bool 
                 record["error"] = error.to_data()
             print(json.dumps(record, ensure_ascii=False), file=out, flush=True)
         elif error is None:
-            console.print(f"[dim]{line}:[/dim] [bold]{escape(text)}[/bold]")
+            console.print(f"[dim]{line}:[/dim] [bold]{escape(echoed(text))}[/bold]")
             console.print(result.render())
         else:
             print(error.render(source), file=err, flush=True)
@@ -117,6 +117,16 @@ def run_script(source: str, session, *, as_json: bool = False, keep_going: bool 
             if not keep_going:
                 break
     return status
+
+
+ECHO_CHARS = 240  # a statement longer than this (a long prompt) is echoed by its start and end
+
+
+def echoed(text: str) -> str:
+    """A statement as echoed above its result: whole, or its start and end when it is long."""
+    if len(text) <= ECHO_CHARS:
+        return text
+    return f"{text[:ECHO_CHARS - 70]} … ({len(text) - ECHO_CHARS + 10} characters) … {text[-60:]}"
 
 
 def escape(text: str) -> str:

@@ -28,9 +28,9 @@ MODES = ("pipeline", "tensor")
 
 def start():
     """The group `mlx.launch` started; a clear exit when there is none."""
-    import mlx.core as mx
+    from mlxterp.distributed import init_world
 
-    group = mx.distributed.init()
+    group = init_world()
     if group.size() < 2:
         raise SystemExit(
             "mlxterp serve --shard splits the model over several processes: start it with mlx.launch, e.g. "

@@ -91,3 +91,12 @@ def test_causal_tracing_page_runs(tmp_path, monkeypatch, capsys):
     trace = namespace["trace"]
     assert trace.answer == " Paris" and trace.corrupted_probability < trace.clean_probability - 0.2
     assert (tmp_path / "causal-trace.png").stat().st_size > 1000
+
+
+def test_performance_page_runs(tmp_path, monkeypatch, capsys):
+    from mlxterp import analysis
+
+    namespace = run_page("performance.md", tmp_path, monkeypatch)
+    assert set(namespace["recovery"]) == set(range(namespace["model"].n_layers))
+    assert analysis.patch_budget_bytes is None
+    assert namespace["model"].device.split()[0] in ("cpu", "gpu")

@@ -74,6 +74,13 @@ def test_with_as_many_tokens_as_heads_the_position_still_indexes_tokens(demo_mod
     np.testing.assert_allclose(array, calls[-1][0, :, 0, :], rtol=1e-5, atol=1e-5)
 
 
+def test_collected_activations_of_rope_are_taken_along_its_token_axis(demo_model):
+    keys = rope_calls(demo_model, PROMPT)[-1]
+    acts = get_activations(demo_model, [PROMPT], ["layers.8.attn.rope"], positions=[0, -1])
+    np.testing.assert_allclose(np.array(acts["layers.8.self_attn.rope"])[0], keys[0, :, [0, -1], :],  # (positions, heads, head_dim)
+                               rtol=1e-5, atol=1e-5)
+
+
 def test_a_position_on_an_output_without_the_token_axis_is_a_clear_error(demo_model):
     from mlxterp.attention import token_axis
 

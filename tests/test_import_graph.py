@@ -23,7 +23,7 @@ PACKAGES = ("mlxterp", "mlxterp_repl", "mlxterp_lsp")
 # The transport and the front ends, above the query language.
 DAEMON_LAYER = ("mlxterp_repl.protocol", "mlxterp_repl.daemon", "mlxterp_repl.ops", "mlxterp_repl.client",
                 "mlxterp_repl.spawn", "mlxterp_repl.sharded")
-FRONT_ENDS = ("mlxterp_repl.repl", "mlxterp_repl.cli", "mlxterp_repl.commands", "mlxterp_repl.runner",
+FRONT_ENDS = ("mlxterp_repl.repl", "mlxterp_repl.cli", "mlxterp_repl.commands", "mlxterp_repl.runner", "mlxterp_repl.notebook",
               "mlxterp_lsp")
 
 

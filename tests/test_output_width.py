@@ -115,11 +115,22 @@ def test_the_tour_through_mlxterp_run_fits_60_columns(tmp_path):
     assert "logit lens" in run.stdout and "patching mlp" in run.stdout
 
 
-def test_columns_variable_sets_the_width(tmp_path):
-    from mlxterp_repl.runner import output_width
+def test_width_is_the_option_else_columns_else_any_terminal_else_natural(tmp_path):
+    import fcntl
+    import pty
+    import struct
+    import termios
+
+    from mlxterp_repl.runner import NATURAL_WIDTH, output_width
 
     assert output_width(None, {"COLUMNS": "72"}) == 72
     assert output_width(55, {"COLUMNS": "72"}) == 55
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 73, 0, 0))
+    with open(slave, "w") as terminal, open(tmp_path / "piped.txt", "w") as piped:
+        assert output_width(None, {}, streams=(piped, terminal)) == 73  # `mlxterp run x | less`
+        assert output_width(None, {}, streams=(piped,)) == NATURAL_WIDTH  # no terminal at all
+    os.close(master)
 
 
 def test_a_241_position_patch_grid_is_summarised_by_its_strongest_entries():
@@ -156,3 +167,14 @@ def test_a_long_prompt_does_not_flood(demo_model):
     assert len(saved.where) < 120 and "…" in saved.where
     text = drawn(saved, 100)
     assert len(text.splitlines()) < 12
+
+
+def test_a_long_statement_is_echoed_by_its_start_and_end(demo_model, tmp_path):
+    from mlxterp_repl.runner import run_script
+
+    prompt = " ".join(["The capital of France is Paris."] * 25)
+    out, err = io.StringIO(), io.StringIO()
+    status = run_script(f'prompt "{prompt}"\n', Session(demo_model), out=out, err=err, width=80)
+    assert status == 0, err.getvalue()
+    text = out.getvalue()
+    assert len(text) < 800 and "characters) …" in text and text.count("France") < 10

@@ -26,7 +26,7 @@ import fnmatch
 import re
 from dataclasses import dataclass, field
 
-from mlxterp.errors import LayerIndexError, UnknownModuleError
+from mlxterp.core.errors import LayerIndexError, UnknownModuleError
 
 ROOT = "model"
 OUTPUT = "output"

@@ -25,7 +25,7 @@ from __future__ import annotations
 import difflib
 import re
 
-from mlxterp.errors import PositionError
+from mlxterp.core.errors import PositionError
 
 ALL = "*all*"  # the selection of every position (a str no one writes as token text)
 
