@@ -125,8 +125,8 @@ def prompt_pair(length: int, seed: int = 0) -> tuple[str, str]:
     body = []
     while len(" ".join(body)) < length:
         body.append(rng.choice(words))
-    text = " ".join(body)[: length - 1 - len(" Paris")]
-    return text + " Paris", text + " Rome!"[: len(" Paris")]
+    text = " ".join(body)[: length - 1 - len(" Paris")].rstrip().ljust(length - 1 - len(" Paris"), ".")
+    return text + " Paris", text + " Rome!"
 
 
 if __name__ == "__main__":

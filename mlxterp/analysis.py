@@ -46,11 +46,12 @@ logger = logging.getLogger("mlxterp")  # the library prints nothing on stdout: w
 
 # -- decoding hidden states -----------------------------------------------------
 
-def unembed(model, hidden: mx.array) -> mx.array:
-    """Logits (float32) of hidden states ``(..., hidden)`` through the final norm and unembedding."""
+def unembed(model, hidden: mx.array, norm: bool = True) -> mx.array:
+    """Logits (float32) of hidden states ``(..., hidden)`` through the final norm (unless ``norm=False``)
+    and unembedding."""
     modules = model.names.modules
     norm_name = model.names.find("norm")
-    if norm_name is not None:
+    if norm_name is not None and norm:
         hidden = modules[norm_name](hidden)
     head_name = model.names.find("lm_head")
     if head_name is not None and isinstance(modules[head_name], nn.Module):
@@ -207,9 +208,9 @@ def _lens_translators(model, lens: str, translators):
     if lens != "tuned":
         raise InputError(f'unknown lens {lens!r}; choose "logit" or "tuned" (with translators=)')
     if isinstance(translators, (str, os.PathLike)):
-        from .tuned_lens import TunedLens
+        from .tuned_lens import load_tuned_lens
 
-        translators = TunedLens.load(translators)
+        translators = load_tuned_lens(translators)
     if translators is None or not hasattr(translators, "logits"):
         raise InputError('lens="tuned" needs translators=: a TunedLens (mlxterp.tuned_lens.train_tuned_lens) '
                          "or the directory one was saved to")

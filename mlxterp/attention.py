@@ -295,6 +295,9 @@ def token_axis(model, full_name: str, shape: Sequence[int], tokens: int) -> int:
     short = model.short_name(full_name)
     if module is not None and is_rotary(module):
         axis, layout = len(shape) - 2, "(batch, heads, tokens, head_dim)"
+    elif module is None and (model.names.table.hook_parts(full_name) or (None, None))[1] == "attn.pattern":
+        # an attention pattern hook point: (batch, [heads,] query, key); positions pick queries
+        axis, layout = len(shape) - 2, "(batch, heads, query, key)"
     else:
         axis, layout = 1, "(batch, tokens, ...)"
     if len(shape) < 2 or axis < 1 or shape[axis] != tokens:

@@ -26,7 +26,6 @@ import math
 from dataclasses import dataclass, field
 from typing import Iterable, Optional, Sequence, Union
 
-import mlx.core as mx
 import numpy as np
 
 from .errors import InputError, PositionError
@@ -206,6 +205,8 @@ def causal_trace(model, prompt: str, subject, answer=None, *, kinds: Union[str, 
     """
     import time
 
+    import mlx.core as mx
+
     from .analysis import _positive_int, answer_id, component_name, layer_list
 
     started = time.perf_counter()
@@ -296,17 +297,19 @@ def causal_trace(model, prompt: str, subject, answer=None, *, kinds: Union[str, 
     return result
 
 
-def _add(batch_noise: mx.array):
-    def corrupt(embeddings: mx.array) -> mx.array:
+def _add(batch_noise):
+    def corrupt(embeddings):
         return embeddings + batch_noise.astype(embeddings.dtype)
 
     corrupt.__name__ = "corrupt_subject"
     return corrupt
 
 
-def _restore(mask: mx.array):
+def _restore(mask):
     """Rows/positions where ``mask`` is True take row 0's (the clean prompt's) value."""
-    def restore(activation: mx.array) -> mx.array:
+    import mlx.core as mx
+
+    def restore(activation):
         where = mask.reshape(mask.shape + (1,) * (activation.ndim - 2))
         return mx.where(where, activation[:1], activation)
 
@@ -353,6 +356,8 @@ def _valid(tokens):
 
 def embedding_std(model, embed: str, seed: int = 0, sample: int = 4096) -> float:
     """Standard deviation of the token embeddings (of up to ``sample`` random tokens; works when quantized)."""
+    import mlx.core as mx
+
     rows = model.embedding_rows
     ids = np.random.default_rng(seed).choice(rows, size=min(rows, sample), replace=False)
     values = model.names.modules[embed](mx.array(np.sort(ids))).astype(mx.float32)

@@ -199,7 +199,8 @@ class ShardWriter:
         if self.directory.exists() and any(self.directory.glob("shard-*.safetensors")):
             if not run_file.exists():
                 raise InputError(f"{self.directory} already holds activation shards; give an empty or new directory")
-            earlier = json.loads(run_file.read_text())
+            earlier = _read_json(run_file, "run the same command again after deleting it to resume; the shards "
+                                            "already written are kept if the arguments are the same")
             changed = sorted(k for k in set(earlier) | set(self.run) if earlier.get(k) != self.run.get(k))
             if changed:
                 raise InputError(
@@ -216,7 +217,7 @@ class ShardWriter:
     def _write_run_file(self, run_file: Path) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
         if not run_file.exists():
-            run_file.write_text(json.dumps(self.run, indent=1))
+            _write_atomic(run_file, json.dumps(self.run, indent=1).encode())
 
     def path(self, number: int) -> Path:
         return self.directory / f"shard-{number:05d}.safetensors"
@@ -231,8 +232,16 @@ class ShardWriter:
         tensors = dict(arrays)
         tensors[SHARD_INDEX] = mx.arange(first_index, first_index + n, dtype=mx.int64)
         aside = self.directory / f".writing-{number:05d}.safetensors"
-        mx.save_safetensors(str(aside), tensors)
-        os.replace(aside, self.path(number))
+        try:
+            mx.save_safetensors(str(aside), tensors)
+            _fsync(aside)
+            os.replace(aside, self.path(number))
+        except BaseException as error:
+            full = _disk_full(error, aside)
+            _remove(aside)
+            if full:
+                _raise_disk_full(self.path(number))
+            raise
 
     def finish(self, windows: List[Tuple[int, int]]) -> Path:
         """Once every process is done, process 0 writes ``meta.json``: shards ``(first, count)`` in order."""
@@ -244,9 +253,69 @@ class ShardWriter:
                       for k, (first, count) in enumerate(windows)]
             meta = {"n_prompts": self.n_prompts, "keys": keys, "shards": shards,
                     "processes": self.group.size() if self.group is not None else 1}
-            (self.directory / "meta.json").write_text(json.dumps(meta, indent=1))
+            _write_atomic(self.directory / "meta.json", json.dumps(meta, indent=1).encode())
         distributed.barrier(self.group)
         return self.directory
+
+
+def _read_json(path: Path, advice: str):
+    """A metadata file, or an InputError saying it is damaged (a run stopped while writing it,
+    before writes were atomic, or a copy cut short) and what to do."""
+    try:
+        return json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as error:
+        raise InputError(f"{path} is damaged (truncated or not JSON: {error}); {advice}") from None
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _remove(path: Path) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
+def _disk_full(error: BaseException, path: Path) -> bool:
+    """Whether a failed write failed for want of space (MLX says only "Unable to write": then
+    the file system is asked, before the partial file is removed)."""
+    if isinstance(error, OSError):
+        return error.errno in (28, 122)  # ENOSPC, EDQUOT
+    if "Unable to write" not in str(error):
+        return False
+    try:
+        info = os.statvfs(path.parent)
+    except OSError:
+        return False
+    return info.f_bavail * info.f_frsize < 1024 * 1024
+
+
+def _raise_disk_full(path: Path) -> None:
+    raise InputError(f"the disk is full: {path} was not written (no partial file is left); free space and "
+                     "run the same command again to resume") from None
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    """Write a metadata file whole or not at all: temporary file, fsync, rename."""
+    aside = path.with_name(f".writing-{path.name}")
+    try:
+        with open(aside, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(aside, path)
+    except BaseException as error:
+        full = _disk_full(error, aside)
+        _remove(aside)
+        if full:
+            _raise_disk_full(path)
+        raise
 
 
 def iter_activation_shards(directory, keys: Optional[Iterable[str]] = None) -> Iterator[Dict[str, mx.array]]:
@@ -260,7 +329,8 @@ def iter_activation_shards(directory, keys: Optional[Iterable[str]] = None) -> I
     if not meta_file.exists():
         raise InputError(f"{directory} is not an activation directory (no meta.json); "
                          "write one with batch_get_activations(..., out=PATH)")
-    meta = json.loads(meta_file.read_text())
+    meta = _read_json(meta_file, "run the collection's command again: it keeps the shards written and writes "
+                                 "meta.json anew")
     wanted = None if keys is None else set(keys) | {SHARD_INDEX}
     if wanted is not None:
         unknown = wanted - set(meta["keys"]) - {SHARD_INDEX}

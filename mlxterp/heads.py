@@ -13,8 +13,9 @@ Scores are mean attention probabilities read from exact patterns
 All three come from one batch of repeated random sequences (seeded), or the
 first two from a prompt of yours (``text=``). ``head_scores`` returns one
 ``HeadScores`` result; ``induction_model()`` loads the small two-layer
-attention-only model shipped with mlxterp, trained to have an induction head
-(``scripts/train_induction_model.py``).
+attention-only model shipped with mlxterp, whose weights are set by hand to the
+textbook circuit: a previous-token head in layer 0 and an induction head in layer 1
+(``scripts/build_induction_model.py``).
 """
 
 from __future__ import annotations
@@ -267,11 +268,12 @@ def repeated_random_tokens(model, repeat_length: int, sequences: int, seed: int 
 
 
 def induction_model():
-    """The bundled two-layer attention-only model with an induction head, as an ``InterpretableModel``."""
+    """The bundled two-layer attention-only model with an induction head (layer 1, head 0), as an
+    ``InterpretableModel``."""
     from .errors import MlxterpError
     from .model import InterpretableModel
 
     if not (INDUCTION_PATH / "config.json").exists():
         raise MlxterpError(f"the induction model is missing from {INDUCTION_PATH}; "
-                           "train it with: python scripts/train_induction_model.py")
+                           "build it with: python scripts/build_induction_model.py")
     return InterpretableModel(str(INDUCTION_PATH))

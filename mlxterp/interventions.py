@@ -11,6 +11,8 @@ factories of such functions for the common cases::
     iv.clamp(-1.0, 1.0)
     iv.noise(std=0.1, seed=0)
     iv.add_vector(steering_vector)
+    iv.add_vector(steering_vector, positions=[-1])   # only at the last position
+    iv.at_positions(iv.zero_out, [0, 2])         # any intervention, at chosen positions
     iv.replace_with(clean_activation)
     iv.compose().add(iv.scale(0.8)).add(iv.clamp(-3, 3)).build()
 
@@ -89,9 +91,12 @@ def noise(std: float = 0.1, seed: Optional[int] = None) -> Intervention:
     return noisy
 
 
-def add_vector(vector) -> Intervention:
-    """Add ``vector`` (a steering vector, shape ``(hidden,)`` or broadcastable) to the activation."""
+def add_vector(vector, positions=None) -> Intervention:
+    """Add ``vector`` (a steering vector, shape ``(hidden,)`` or broadcastable) to the activation,
+    at every position or at ``positions`` (see ``at_positions``)."""
     vector = mx.array(vector)
+    if positions is not None:
+        return at_positions(add_vector(vector), positions)
 
     def steered(activation: mx.array) -> mx.array:
         if vector.ndim and vector.shape[-1] != activation.shape[-1]:
@@ -104,6 +109,41 @@ def add_vector(vector) -> Intervention:
 
     steered.__name__ = "add_vector"
     return steered
+
+
+def at_positions(change: Intervention, positions) -> Intervention:
+    """``change`` applied at some token positions only (axis 1 of the activation; the rest keep
+    their values). ``positions``: an int, a list of ints (negative counts from the end) or a
+    ``slice``. Works on every hook point and module output laid out ``(batch, positions, ...)``."""
+    if isinstance(positions, (int, slice)):
+        positions = [positions] if isinstance(positions, int) else positions
+    elif not isinstance(positions, slice):
+        try:
+            positions = [int(p) for p in positions]
+        except (TypeError, ValueError):
+            raise MlxterpError(f"positions= is an int, a list of ints or a slice; got {positions!r}") from None
+    if not callable(change):
+        raise MlxterpError(f"at_positions takes an intervention function first, got {type(change).__name__}")
+
+    def at_chosen(activation: mx.array) -> mx.array:
+        length = activation.shape[1]
+        if isinstance(positions, slice):
+            chosen = list(range(length))[positions]
+        else:
+            bad = [p for p in positions if not -length <= p < length]
+            if bad:
+                raise MlxterpError(f"position {bad[0]} is outside the {length} positions of this activation "
+                                   f"(0..{length - 1}, or -{length}..-1 from the end)")
+            chosen = [p % length for p in positions]
+        where = mx.zeros((length,), dtype=mx.bool_)
+        if chosen:
+            where = mx.arange(length)[:, None] == mx.array(chosen)[None, :]
+            where = where.any(axis=1)
+        where = where.reshape(1, length, *([1] * (activation.ndim - 2)))
+        return mx.where(where, change(activation), activation)
+
+    at_chosen.__name__ = f"{getattr(change, '__name__', 'fn')}@{positions}"
+    return at_chosen
 
 
 def replace_with(replacement) -> Intervention:
@@ -232,7 +272,7 @@ def _number(value, what: str) -> float:
 
 # Factories that must be called to give an intervention, with an example call for the hint.
 FACTORY_EXAMPLES = {"scale": "scale(0.5)", "clamp": "clamp(-1.0, 1.0)", "noise": "noise(std=0.1)",
-                    "add_vector": "add_vector(vector)", "replace_with": "replace_with(clean_activation)",
+                    "add_vector": "add_vector(vector)", "at_positions": "at_positions(iv.zero_out, [-1])", "replace_with": "replace_with(clean_activation)",
                     "replace_rows": "replace_rows(replacement, rows)", "compose": "compose(f, g).build()",
                     "chain": "chain(f, g)"}
 

@@ -208,6 +208,64 @@ class InterpretableModel(TokenizerHelpers):
         from . import attention
         return attention.get_attention_patterns(self, text, layers=layers)
 
+    # -- TransformerLens conveniences (docs/coming-from.md) ---------------------------
+    def run_with_cache(self, inputs, names=None, interventions=None):
+        """``(logits, cache)``: one forward pass and the values of ``names`` (TransformerLens'
+        ``run_with_cache``). ``names`` is a name or pattern (``"layers.*.resid_post"``), a list of
+        them, a function of a short name returning True for those to keep (``names_filter``), or
+        None: every module output and every layer's residual hook points and ``attn.z``.
+
+        >>> logits, cache = model.run_with_cache("The capital of France is", names="layers.*.resid_post")
+        >>> cache["layers.8.resid_post"].shape, cache["resid_post", 8].shape  # (1, 6, hidden) twice
+        """
+        from . import hooks
+        return hooks.run_with_cache(self, inputs, names, interventions)
+
+    def hook_names(self) -> list[str]:
+        """Short names of every hook point of every layer (``layers.0.resid_pre``, ...)."""
+        modules = set(self.names.table.short_names())
+        return [name for name in self.names.table.path_names() if name not in modules]
+
+    def embed(self, inputs) -> mx.array:
+        """Token embeddings ``(batch, tokens, hidden)``: the embedding module's output for a text,
+        a list of token ids or an array of ids (before any scaling the model applies after it)."""
+        name = self.names.find("embed")
+        if name is None:
+            raise UnknownModuleError("embed", self.names.suggest("embed"), "this model has no token embedding")
+        if isinstance(inputs, str):
+            inputs = self.encode(inputs)
+        ids = mx.array(inputs)
+        return self.names.modules[name](ids[None] if ids.ndim == 1 else ids)
+
+    def final_norm(self, hidden: mx.array) -> mx.array:
+        """The final norm applied to hidden states ``(..., hidden)`` (what the unembedding reads)."""
+        name = self.names.find("norm")
+        if name is None:
+            raise UnknownModuleError("norm", self.names.suggest("norm"), "this model has no final norm")
+        return self.names.modules[name](hidden)
+
+    def unembed(self, hidden: mx.array, norm: bool = False) -> mx.array:
+        """Logits (float32) of hidden states ``(..., hidden)`` through the unembedding (``lm_head``
+        or the tied embedding, with the model's final softcap). Like TransformerLens it does not
+        apply the final norm unless ``norm=True``: ``model.unembed(model.final_norm(h))`` equals
+        ``model.unembed(h, norm=True)``, which is the logit lens."""
+        from . import analysis
+        return analysis.unembed(self, hidden, norm=norm)
+
+    # -- generation (mlxterp.generate) ------------------------------------------------
+    def generate(self, prompt, max_tokens: int = 20, interventions=None, capture=None, temperature: float = 0.0,
+                 steps=None, **options):
+        """Generate after ``prompt`` on mlx-lm's KV cache, with ``interventions`` at every step (or at
+        ``steps``) and the outputs of ``capture`` per step; returns a ``Generation`` (see mlxterp.generate)."""
+        from . import generate
+        return generate.generate(self, prompt, max_tokens, interventions=interventions, capture=capture,
+                                 temperature=temperature, steps=steps, **options)
+
+    def stream_generate(self, prompt, max_tokens: int = 20, **options):
+        """Each generated token as it is chosen (``Step``: step, token, text, activations)."""
+        from . import generate
+        return generate.stream_generate(self, prompt, max_tokens, **options)
+
     def __repr__(self) -> str:
         n_params = sum(p.size for p in self.parameters().values())
         hidden = self.hidden_size
@@ -275,7 +333,10 @@ class ModuleProxy:
         if attr.startswith("__"):
             raise AttributeError(attr)
         try:
-            return ModuleProxy(self._model, self._model.resolve(f"{self._name}.{attr}"))
+            full = self._model.resolve(f"{self._name}.{attr}")
+            if full not in self._model.names.modules:  # a hook point: layers[8].resid_pre, layers[8].attn.z
+                return HookProxy(self._model, full)
+            return ModuleProxy(self._model, full)
         except UnknownModuleError as exc:
             module = self._model.names.modules[self._name]
             if attr in module or hasattr(module, attr):
@@ -290,6 +351,57 @@ class ModuleProxy:
 
     def __repr__(self) -> str:
         return f"<{self._model.short_name(self._name)}: {type(self.module).__name__}>"
+
+
+class HookProxy:
+    """A hook point by name (``model.layers[8].resid_pre``, ``model.layers[8].attn.z``):
+    ``.save()`` inside a trace; ``.head[3]`` selects heads of ``q``, ``k``, ``v``, ``z`` and ``pattern``."""
+
+    __slots__ = ("_model", "_name")
+
+    def __init__(self, model: InterpretableModel, full_name: str):
+        self._model = model
+        self._name = full_name
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    @property
+    def head(self) -> "_Heads":
+        return _Heads(self)
+
+    @property
+    def output(self) -> "ValueProxy":
+        return ValueProxy(self._model, self._name, "output")
+
+    def save(self) -> mx.array:
+        """Keep this value after the block; returns it."""
+        return self.output.save()
+
+    @property
+    def value(self) -> mx.array:
+        return self.save()
+
+    def __repr__(self) -> str:
+        return f"<hook point {self._model.short_name(self._name)}>"
+
+
+class _Heads:
+    __slots__ = ("_hook",)
+
+    def __init__(self, hook: HookProxy):
+        self._hook = hook
+
+    def __getitem__(self, index) -> HookProxy:
+        if isinstance(index, (list, tuple)):
+            text = ",".join(str(int(i)) for i in index)
+        elif isinstance(index, slice) and index.step is None and index.start is not None and index.stop is not None:
+            text = f"{index.start}..{index.stop - 1}"
+        else:
+            text = str(int(index))
+        model = self._hook._model
+        return HookProxy(model, model.resolve(f"{self._hook._name}.head[{text}]"))
 
 
 class ValueProxy:

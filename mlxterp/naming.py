@@ -93,6 +93,10 @@ class ModuleNames:
         self.n_layers = n_layers
         self.table = NameTable(list(modules), self.layers_prefix, n_layers, forwards(modules))
         self.layer_names = self.table.layer_names
+        from . import hooks  # the hook points this architecture has exactly (mlxterp.hooks.BLOCKS)
+
+        self.table.hooks, self.table.n_heads, self.table.hooks_note = hooks.table_entries(
+            self.table, modules, _architecture(modules.get(ROOT)))
 
     def resolve(self, name: str) -> str:
         return self.table.resolve(name)
@@ -111,6 +115,15 @@ class ModuleNames:
 
     def find(self, role: str) -> str | None:
         return self.table.find(role)
+
+
+def _architecture(root) -> str | None:
+    """The mlx-lm ``model_type`` of a model (its args), or None."""
+    for owner in (root, getattr(root, "model", None)):
+        args = getattr(owner, "args", None)
+        if getattr(args, "model_type", None):
+            return args.model_type
+    return getattr(root, "model_type", None)
 
 
 def forwards(modules: dict) -> dict[str, str]:

@@ -18,7 +18,8 @@ arrays) with these views of it:
   ``Result.from_data`` / ``result_from_data`` turn back into the same object.
 
 A subclass of ``Result`` that sets its own ``kind`` class attribute is registered for
-``result_from_data`` by that kind (once its module is imported).
+``result_from_data`` by that kind once its module is imported; ``RESULT_MODULES`` names the
+module of each kind defined elsewhere, which ``result_from_data`` imports when it needs it.
 
 This module imports only numpy at load time (rich when something is drawn), so a
 client that only draws results never loads mlx.
@@ -404,6 +405,17 @@ class FitTable:
 
 COMMON_KEYS = ("kind", "notes", "summary", "text")  # what to_data() puts in every result
 BY_KIND: dict = {}  # kind -> the Result class that rebuilds it (every subclass naming its own kind)
+# kind -> the module defining its class, for the kinds defined outside this module: result_from_data
+# imports it on first need, so a client rebuilds any result without importing the analyses first.
+# These modules import no mlx at load time (tests/test_dsl_analyses.py checks both).
+RESULT_MODULES = {
+    "lens_comparison": "mlxterp.lens_sae_results",
+    "sae_metrics": "mlxterp.lens_sae_results",
+    "feature_examples": "mlxterp.lens_sae_results",
+    "active_features": "mlxterp.lens_sae_results",
+    "heads": "mlxterp.heads",
+    "causal_trace": "mlxterp.causal_tracing",
+}
 
 
 @dataclass(eq=False)
@@ -1142,6 +1154,10 @@ def result_from_data(data: dict) -> Result:
     if not isinstance(data, dict) or not isinstance(data.get("kind"), str):
         raise ValueError(f"a result's data is a dict with a 'kind', got {type(data).__name__}")
     kind = data["kind"]
+    if kind not in BY_KIND and kind in RESULT_MODULES:
+        import importlib
+
+        importlib.import_module(RESULT_MODULES[kind])
     cls = BY_KIND.get(kind)
     if cls is None:  # the generic ones carry many kinds (save/let, tokens/ls/..., prompt/load/...)
         if "arrays" in data:

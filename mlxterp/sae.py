@@ -181,9 +181,13 @@ class SparseAutoencoder(nn.Module):
         return sae
 
 
+DEMO_PATH = Path(__file__).parent / "assets" / "demo-sae"
+
+
 def load_sae(directory) -> SparseAutoencoder:
-    """The SAE saved in ``directory`` (``sae.save(directory)``)."""
-    return SparseAutoencoder.load(directory)
+    """The SAE saved in ``directory`` (``sae.save(directory)``); ``"demo"``: the one bundled for the
+    demo model's ``layers.8`` (TopK, 512 features, k=16; ``scripts/build_demo_lens_sae.py``)."""
+    return SparseAutoencoder.load(DEMO_PATH if str(directory) == "demo" else directory)
 
 
 def _flat(params):

@@ -24,6 +24,7 @@ import mlx.core as mx
 import numpy as np
 
 from .errors import InputError, Interrupted, TraceError
+from . import hooks
 from .interventions import uncalled_factory
 from .naming import OUTPUT
 
@@ -84,9 +85,11 @@ def _replace_first(value, new):
 class Recorder:
     """Records outputs (and inputs) of named modules during one forward pass."""
 
-    def __init__(self, names_by_id, interventions, should_stop=None, eval_at=(), stop_at=None):
+    def __init__(self, names_by_id, interventions, should_stop=None, eval_at=(), stop_at=None,
+                 input_interventions=None):
         self.names_by_id = names_by_id
         self.interventions = interventions
+        self.input_interventions = input_interventions or {}  # changes of a module's first array argument
         self.should_stop = should_stop
         self.eval_at = set(eval_at)
         self.stop_at = stop_at  # names where should_stop is asked (None: every recorded module)
@@ -94,17 +97,22 @@ class Recorder:
         self.inputs: dict[str, mx.array] = {}
         self.calls: dict[str, int] = {}  # modules called more than once in the pass: how often (the last is kept)
         # Nothing to do but record: recording_call takes its inline path.
-        self.plain = not interventions and should_stop is None and not self.eval_at
+        self.plain = not interventions and not self.input_interventions and should_stop is None and not self.eval_at
 
     def call(self, module, name, original, args, kwargs):
         if self.should_stop is not None and (self.stop_at is None or name in self.stop_at) and self.should_stop():
             raise Interrupted(f"stopped before {name}")
+        change_input = self.input_interventions.get(name)
         if args:
+            if change_input is not None:
+                args = (_apply(change_input, args[0], f"{name}.input"),) + tuple(args[1:])
             self.inputs[name] = args[0]
         elif kwargs:  # called by keyword, e.g. GPT-J's self.attn(inputs=...): its first array
-            first = next((v for v in kwargs.values() if isinstance(v, mx.array)), None)
-            if first is not None:
-                self.inputs[name] = first
+            key = next((k for k, v in kwargs.items() if isinstance(v, mx.array)), None)
+            if key is not None:
+                if change_input is not None:
+                    kwargs = {**kwargs, key: _apply(change_input, kwargs[key], f"{name}.input")}
+                self.inputs[name] = kwargs[key]
         out = original(module, *args, **kwargs)
         change = self.interventions.get(name)
         if change is not None:
@@ -135,7 +143,8 @@ def _apply(change, activation, name):
     return result
 
 
-def run_forward(model, call, modules_to_record, interventions, should_stop=None, eval_at=(), stop_at=None):
+def run_forward(model, call, modules_to_record, interventions, should_stop=None, eval_at=(), stop_at=None,
+                input_interventions=None):
     """Call ``call()`` with the given modules recorded; returns (output, recorder).
 
     Each recorded module's class is swapped for its traced subclass for the length of
@@ -146,7 +155,7 @@ def run_forward(model, call, modules_to_record, interventions, should_stop=None,
     if _active_recorder is not None:
         raise TraceError("a forward pass is already being traced; traces cannot run inside one another's forward pass")
     names_by_id = {id(module): name for name, module in modules_to_record}
-    recorder = Recorder(names_by_id, interventions, should_stop, eval_at, stop_at)
+    recorder = Recorder(names_by_id, interventions, should_stop, eval_at, stop_at, input_interventions)
     originals = []
     # object.__setattr__: nn.Module.__setattr__ costs ~2 us a call in Python, twice per module per pass.
     set_class = object.__setattr__
@@ -226,6 +235,7 @@ class _Store:
         self.dropped: set = set()  # ("output"|"input", name) that ran but were not kept
         self.over_budget_mib: float | None = None  # set when the default keep= dropped outputs
         self.lean = False  # recorded only model.recorded_by_default at first
+        self.padding: list[int] = []  # left padding per row (hook points recompute attention with it)
         self.record_all = None  # while lean and open: runs the pass again recording everything
 
     def complete(self) -> None:
@@ -238,6 +248,10 @@ class _Store:
 
     def read(self, name: str, what: str = "output"):
         """The value of full name ``name``; inside the block it is also marked saved."""
+        if name not in self.model.names.modules and name != OUTPUT:
+            point = hooks.point(self.model, name)
+            if point is not None:  # a hook point (layers.8.resid_pre, layers.8.attn.z, layers.9.input)
+                return hooks.read(self.model, self, point)
         group = self.model.pipeline_group
         if group is not None and self.open and (what, name) not in self.shared:
             self.share_from_owner(name, what, group)
@@ -303,6 +317,8 @@ class _Store:
         else:
             kept = {name: outputs[name] for what, name in self.saved if what == "output" and name in outputs}
         inputs = {name: self.inputs[name] for what, name in self.saved if what == "input" and name in self.inputs}
+        if keep_all:  # the layers' inputs (resid_pre): mostly the previous layer's output, the same arrays
+            inputs.update((name, self.inputs[name]) for name in self.model.names.layer_names if name in self.inputs)
         self.dropped = {("output", n) for n in outputs if n not in kept}
         self.dropped |= {("input", n) for n in self.inputs if n not in inputs}
         self.outputs, self.inputs = kept, inputs
@@ -422,10 +438,13 @@ class Trace:
                     interventions[full] = lambda a, f=first, g=change: g(f(a))
                 else:
                     interventions[full] = change
-        # A plain trace records the blocks first; the first read of anything else in the block
+        input_interventions, hook_modules = {}, set()
+        if interventions:  # hook points become interventions on module outputs and inputs (mlxterp.hooks)
+            interventions, input_interventions, hook_modules = hooks.route(model, interventions)        # A plain trace records the blocks first; the first read of anything else in the block
         # runs the pass again recording everything (exact: with no interventions and no
         # should_stop the pass is deterministic; values already read are kept as they are).
-        lean = (self.capture is None and self.keep != "all" and not interventions and self.should_stop is None
+        lean = (self.capture is None and self.keep != "all" and not interventions and not input_interventions
+                and self.should_stop is None
                 and model.distributed_group is None)
         if lean:
             record = set(model.recorded_by_default)
@@ -434,7 +453,8 @@ class Trace:
         else:
             patterns = [self.capture] if isinstance(self.capture, str) else list(self.capture)
             record = {full for p in patterns for full in model.expand(p)} - {OUTPUT}
-        record |= set(interventions) - {OUTPUT}
+            record |= hooks.recorded_for(model, record)
+        record |= (set(interventions) | set(input_interventions) | hook_modules) - {OUTPUT}
         should_stop, eval_at, stop_at, before_pass = self.should_stop, [], None, None
         if should_stop is not None:
             eval_at = model.names.layer_names
@@ -452,7 +472,8 @@ class Trace:
                 raise Interrupted("stopped before the forward pass")
             changes = dict(interventions)
             changes.update(extra)
-            output, recorder = run_forward(model, call, ordered, changes, should_stop, eval_at, stop_at)
+            output, recorder = run_forward(model, call, ordered, changes, should_stop, eval_at, stop_at,
+                                           input_interventions)
             model.repeated_calls.update(recorder.calls)
             if OUTPUT in interventions:
                 output = _apply(interventions[OUTPUT], output, OUTPUT)
@@ -470,6 +491,7 @@ class Trace:
             outputs = {n: a for n, a in outputs.items() if n in keep}
         store = self._store
         store.outputs, store.inputs = outputs, inputs
+        store.padding = self.padding
         store.recorded_anywhere = record | {OUTPUT}
         store.record_all = functools.partial(_record_everything, model, self.inputs) if lean else None
         store.lean = lean

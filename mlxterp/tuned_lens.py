@@ -104,6 +104,15 @@ class TunedLens(nn.Module):
                              f"the model has {model.n_layers} layers of width {model.hidden_size}")
 
 
+DEMO_PATH = Path(__file__).parent / "assets" / "demo-lens"
+
+
+def load_tuned_lens(directory) -> TunedLens:
+    """The tuned lens saved in ``directory`` (``lens.save(directory)``); ``"demo"``: the one bundled
+    for the demo model (``scripts/build_demo_lens_sae.py``)."""
+    return TunedLens.load(DEMO_PATH if str(directory) == "demo" else directory)
+
+
 def _rms_normalised(hidden: mx.array) -> mx.array:
     hidden = hidden.astype(mx.float32)
     return hidden * mx.rsqrt(mx.mean(mx.square(hidden), axis=-1, keepdims=True) + 1e-12)

@@ -38,8 +38,14 @@ from mlxterp_repl import paths as daemon_files
 from mlxterp_repl import protocol as p
 
 DEFAULT_CACHE_MB = 512
-BLOB_BUDGET = 256 * 1024 * 1024  # bytes of fetchable big arrays kept per connection
+BLOB_BUDGET = 256 * 1024 * 1024  # bytes of fetchable big arrays kept, all connections together
 MAX_UNREAD_OUTPUT = 512 * 1024 * 1024  # a client this far behind in reading its replies is dropped
+# Before a valid `hello` on TCP (docs/security.md): small frames, a deadline, a connection cap.
+PREAUTH_MAX_FRAME = 4096
+HANDSHAKE_TIMEOUT = 5.0
+MAX_TCP_CONNECTIONS = 32
+ACCEPT_ERROR_INTERVAL = 60.0  # seconds between two log lines about failing accepts
+LARGE_LOOP_INPUT = 16 * 1024  # complete/hover/tokens input above this runs on a side thread
 
 
 class Job:
@@ -87,19 +93,35 @@ class Connection:
         except Exception:  # a client gone mid-write is not the daemon's problem
             self.closed = True
 
-    def keep_blob(self, data: bytes) -> str:
+    def keep_blob(self, data: bytes, others=()) -> str:
+        """Keep `data` for `fetch`; the oldest blobs (this connection's first) go past the budget,
+        which all connections share (`others`: every connection)."""
         handle = f"b{next(self.blob_counter)}"
         self.blobs[handle] = data
-        while sum(len(b) for b in self.blobs.values()) > BLOB_BUDGET and len(self.blobs) > 1:
-            self.blobs.popitem(last=False)
+        others = [c for c in others if c is not self]
+        total = sum(len(b) for c in (self, *others) for b in c.blobs.values())
+        for conn in (*others, self):
+            while total > BLOB_BUDGET and conn.blobs and (conn is not self or len(conn.blobs) > 1):
+                total -= len(conn.blobs.popitem(last=False)[1])
         return handle
 
 
 class Daemon:
     def __init__(self, files: daemon_files.DaemonPaths, model_spec: str = "demo", tcp: str | None = None,
                  max_frame: int = p.DEFAULT_MAX_FRAME, cache_mb: float = DEFAULT_CACHE_MB,
-                 shard: str | None = None, group=None, idle_timeout: float | None = None):
+                 shard: str | None = None, group=None, idle_timeout: float | None = None,
+                 write_root: str | None = None, models: list[str] | None = None, remote_load: bool = False,
+                 max_exec_chars: int = ops.MAX_EXEC_CHARS, max_statements: int = ops.MAX_STATEMENTS,
+                 handshake_timeout: float = HANDSHAKE_TIMEOUT, max_tcp_connections: int = MAX_TCP_CONNECTIONS):
         self.files = files
+        # docs/security.md: where TCP sessions may write, what they may load, how much one exec may hold
+        self.write_root = Path(write_root).resolve() if write_root else None
+        self.tcp_models = set(models or ()) | {model_spec}
+        self.remote_load = remote_load
+        self.max_exec_chars, self.max_statements = max_exec_chars, max_statements
+        self.handshake_timeout, self.max_tcp_connections = handshake_timeout, max_tcp_connections
+        self.side = ThreadPoolExecutor(max_workers=2, thread_name_prefix="mlxterp-side")  # large complete/hover/tokens
+        self.last_accept_error = 0.0
         self.idle_timeout = idle_timeout  # seconds with no client before the daemon stops itself; None: never
         self.shard, self.group = shard, group  # a model split over mlx.launch processes (mlxterp_repl.sharded)
         self.model_spec = model_spec
@@ -134,7 +156,7 @@ class Daemon:
     def claim(self) -> None:
         """Take the pid file's lock: exactly one daemon per runtime directory."""
         daemon_files.prepare(self.files)
-        fd = os.open(self.files.pid_file, os.O_RDWR | os.O_CREAT, 0o600)
+        fd = daemon_files.open_private(self.files.pid_file)
         # A client checking whether a daemon lives holds a shared lock for an instant: retry briefly.
         for _attempt in range(50):
             try:
@@ -160,7 +182,8 @@ class Daemon:
         os.pwrite(self.pid_fd, json.dumps(info).encode(), 0)
 
     def cleanup(self) -> None:
-        for path in (self.files.socket, self.files.connection_file, self.files.pid_file):
+        daemon_files.remove_socket(self.files.socket)
+        for path in (self.files.connection_file, self.files.pid_file):
             try:
                 path.unlink()
             except FileNotFoundError:
@@ -176,10 +199,8 @@ class Daemon:
         for sig in (signal.SIGTERM, signal.SIGINT):
             self.loop.add_signal_handler(sig, self.stopping.set)
         # The lock on the pid file is ours, so a socket left here is a dead daemon's.
-        try:
-            self.files.socket.unlink()
-        except FileNotFoundError:
-            pass
+        daemon_files.remove_socket(self.files.socket)
+        self.loop.set_exception_handler(self.loop_error)
         # TCP first: once the Unix socket answers, everything (connection file included) is ready.
         servers = []
         if self.tcp:
@@ -191,8 +212,12 @@ class Daemon:
                  "pid": os.getpid(), "daemon_id": self.daemon_id}))
             servers.append(tcp_server)
             log(f"TCP on {p.format_host_port(*self.tcp_address)}; token in {self.files.connection_file}")
-            if host not in ("127.0.0.1", "::1", "localhost"):
-                log(f"warning: {host} is not loopback; anyone who reaches it with the token can run queries")
+            if not is_loopback(host):
+                log(f"warning: {host} is not loopback. Anyone who reaches it with the token can run any query on "
+                    f"the model, read its outputs, " + (f"write files under {self.write_root}" if self.write_root
+                                                          else "(no --write-root: not write files)")
+                    + (", and load any model or path this account can read" if self.remote_load
+                       else f", and load only {sorted(self.tcp_models)}") + ". The traffic is not encrypted.")
         self.write_pid_file()
         old_umask = os.umask(0o177)  # the socket is created 0600, with no window where it is wider
         try:
@@ -275,8 +300,33 @@ class Daemon:
         if conn.session is None:
             from mlxterp_repl.dsl import Session
 
-            conn.session = Session(self.model, workdir=conn.workdir, loader=self.load_shared)
+            conn.session = Session(self.model, workdir=conn.workdir, loader=lambda *a: self.load_for(conn, *a))
+            self.confine(conn)
         return conn.session
+
+    def confine(self, conn: Connection) -> None:
+        """Where the connection's session may write (docs/security.md): a local client under
+        its own working directory, a TCP client under --write-root or nowhere."""
+        session = conn.session
+        if session is None:
+            return
+        if conn.is_tcp:
+            session.workdir = session.write_root = self.write_root
+            session.may_write = self.write_root is not None
+        else:
+            session.workdir = conn.workdir
+            session.write_root = conn.workdir or Path.cwd()
+
+    def load_for(self, conn: Connection, source: str, layer_attr: str = "layers"):
+        """A session's `load`: a TCP client loads only the models named at serve time, and
+        learns nothing about other paths (no probing), unless --remote-load was given."""
+        if conn.is_tcp and not self.remote_load and source not in self.tcp_models:
+            from mlxterp.errors import MlxterpError
+
+            raise MlxterpError(f"a TCP client may load only the models the daemon was started with "
+                               f"({', '.join(sorted(self.tcp_models))}); start it with --models NAME,... "
+                               "to allow others")
+        return self.load_shared(source, layer_attr)
 
     async def need_model(self, conn: Connection, request_id):
         if not self.model_ready.done():
@@ -332,14 +382,29 @@ class Daemon:
             writer.close()
             return
         conn = Connection(next(self.numbers), writer, is_tcp)
+        if is_tcp and sum(c.is_tcp for c in self.connections.values()) >= self.max_tcp_connections:
+            conn.send(p.error_reply(None, p.BUSY, f"the daemon serves at most {self.max_tcp_connections} TCP "
+                                                  "connections at once; try again later"))
+            writer.close()
+            return
         self.connections[conn.number] = conn
+        deadline = time.monotonic() + self.handshake_timeout
         try:
             while not conn.closed:
+                # Before a valid hello on TCP: tiny frames, a deadline, and any error hangs up.
+                preauth = conn.is_tcp and not conn.greeted
                 try:
-                    body = await p.read_frame(reader, self.max_frame)
+                    if preauth:
+                        body = await asyncio.wait_for(p.read_frame(reader, PREAUTH_MAX_FRAME),
+                                                      max(0.0, deadline - time.monotonic()))
+                    else:
+                        body = await p.read_frame(reader, self.max_frame)
                 except p.FrameTooLarge as exc:
                     # The rest of the stream cannot be trusted to be framed: say why, then hang up.
                     conn.send(p.error_reply(None, exc.code, exc.message, **exc.extra))
+                    break
+                except asyncio.TimeoutError:
+                    conn.send(p.error_reply(None, p.NEED_HELLO, f"no valid 'hello' within {self.handshake_timeout:g} s"))
                     break
                 except (ConnectionError, OSError):
                     break
@@ -349,8 +414,12 @@ class Daemon:
                     message = p.unpack_body(body)
                 except p.ProtocolError as exc:
                     conn.send(p.error_reply(None, exc.code, exc.message))
+                    if preauth:
+                        break
                     continue
                 self.dispatch(conn, message)
+                if preauth and not conn.greeted:  # the first request was not a good hello
+                    conn.closed = True
         finally:
             conn.closed = True
             for job in conn.jobs.values():
@@ -389,7 +458,7 @@ class Daemon:
             return
         entry = ops.HANDLERS[op]
         if entry.check is not None:
-            checked = self.outcome(entry.check, message)
+            checked = self.outcome(entry.check, message, self)
             if checked[0] == "error":
                 self.finish(conn, request_id, checked)
                 return
@@ -409,6 +478,8 @@ class Daemon:
         else:
             if entry.runs_on == "worker":
                 outcome = await self.on_worker(entry, conn, message)
+            elif input_size(message) > LARGE_LOOP_INPUT:  # (complete, hover, tokens of long text)
+                outcome = await self.loop.run_in_executor(self.side, self.outcome, entry.handler, self, conn, message)
             else:
                 outcome = self.outcome(entry.handler, self, conn, message)
         self.finish(conn, message["id"], outcome)
@@ -502,7 +573,8 @@ class Daemon:
 
         def on_array(array):
             if p.is_array(array) and array.nbytes > p.INLINE_ARRAY_LIMIT:
-                return p.summarise_array(array, conn.keep_blob(p.encode_array(array)["data"]))
+                blob = p.encode_array(array)["data"]
+                return p.summarise_array(array, conn.keep_blob(blob, list(self.connections.values())))
             return array
 
         return p.walk_arrays(data, on_array)
@@ -520,7 +592,34 @@ class Daemon:
                                  variables=list(session.variables), prompt_tokens=prompt_tokens)
 
 
+    def loop_error(self, loop, context: dict) -> None:
+        """asyncio's errors (a failing accept when out of descriptors, ...): logged at most once a minute."""
+        now = time.monotonic()
+        if now - self.last_accept_error >= ACCEPT_ERROR_INTERVAL:
+            self.last_accept_error = now
+            log(f"event loop: {context.get('message')}: {context.get('exception')!r} "
+                f"(further such errors are not logged for {ACCEPT_ERROR_INTERVAL:g} s)")
+
+
 # --- helpers -----------------------------------------------------------------
+
+def input_size(message: dict) -> int:
+    """Characters of text a request carries for complete/hover/tokens."""
+    text = message.get("code", message.get("text"))
+    return len(text) if isinstance(text, str) else 0
+
+
+def is_loopback(host: str) -> bool:
+    """127.0.0.0/8, ::1 and localhost (a name: resolved by the system to loopback)."""
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
 
 def log(text: str) -> None:
     print(f"[mlxterp daemon {time.strftime('%H:%M:%S')}] {text}", file=sys.stderr, flush=True)
@@ -565,6 +664,21 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--idle-timeout", type=float, metavar="SECONDS", default=float(idle) if idle else None,
                         help="stop after this many seconds with no client connected (default: never; "
                              "also MLXTERP_IDLE_TIMEOUT)")
+    parser.add_argument("--write-root", metavar="DIR",
+                        help="TCP clients may write files (export, plot to) only under DIR; without it they "
+                             "cannot write (local clients write under their own working directory)")
+    parser.add_argument("--models", metavar="NAME,...", default="",
+                        help="models a TCP client may `load` besides --model (names or paths, comma-separated)")
+    parser.add_argument("--remote-load", action="store_true",
+                        help="let TCP clients load any model or path this account can read (off by default)")
+    parser.add_argument("--max-exec-chars", type=int, default=ops.MAX_EXEC_CHARS,
+                        help="longest query text one exec may carry, in characters")
+    parser.add_argument("--max-statements", type=int, default=ops.MAX_STATEMENTS,
+                        help="most statements one exec may run")
+    parser.add_argument("--handshake-timeout", type=float, default=HANDSHAKE_TIMEOUT, metavar="SECONDS",
+                        help="a TCP client that sends no valid hello within this is disconnected")
+    parser.add_argument("--max-tcp-connections", type=int, default=MAX_TCP_CONNECTIONS,
+                        help="TCP connections served at once; more are refused politely")
     parser.add_argument("--shard", choices=sharded.MODES,
                         help="split the model over the processes of mlx.launch with mlx-lm's pipeline or tensor "
                              "parallelism; process 0 serves (docs/scale.md)")
@@ -584,10 +698,16 @@ def serve_main(argv: list[str] | None = None) -> int:
         group = sharded.start()
         if group.rank() != 0:
             return sharded.follow(options.model, options.shard, group)
+    if options.write_root and not os.path.isdir(options.write_root):
+        parser.error(f"--write-root: {options.write_root} is not a directory")
     files = daemon_files.daemon_paths(options.runtime_dir, options.socket)
     daemon = Daemon(files, model_spec=options.model, tcp=options.tcp, max_frame=options.max_frame,
                     cache_mb=options.cache_mb, shard=options.shard, group=group,
-                    idle_timeout=options.idle_timeout if options.idle_timeout and options.idle_timeout > 0 else None)
+                    idle_timeout=options.idle_timeout if options.idle_timeout and options.idle_timeout > 0 else None,
+                    write_root=options.write_root, models=[m for m in options.models.split(",") if m],
+                    remote_load=options.remote_load, max_exec_chars=options.max_exec_chars,
+                    max_statements=options.max_statements, handshake_timeout=options.handshake_timeout,
+                    max_tcp_connections=options.max_tcp_connections)
     try:
         daemon.claim()
     except daemon_files.RuntimeDirError as exc:

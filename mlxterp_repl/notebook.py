@@ -288,8 +288,14 @@ class Progress:
     def __init__(self):
         self.handle = None
 
-    def update(self, text: str) -> None:
+    def update(self, text: str = "", **fields) -> None:
         from IPython.display import display
+
+        if "out" in fields:  # text a statement streams (the tokens of `generate`) accumulates on the line
+            self.streamed = getattr(self, "streamed", "") + str(fields["out"])
+            text = self.streamed
+        elif not isinstance(text, str):
+            return
 
         bundle = {"text/plain": text}
         if self.handle is None:

@@ -10,7 +10,7 @@ Each handler is registered with `@op(name, runs_on=..., needs_session=...)`:
   to `job.replies` (sent just before its `done`), and returns the `done` value.
 - `needs_session=True`: the daemon first waits for the model (sending `progress` replies
   while it loads) and makes the connection's query-language session.
-- `check=fields_check`: called as `check(message)` on the loop as soon as the request
+- `check=fields_check`: called as `check(message, daemon)` on the loop as soon as the request
   arrives, before any waiting, so a malformed request is answered at once.
 
 A handler raises `protocol.ProtocolError` for a bad request; the daemon turns it into an
@@ -37,10 +37,15 @@ class Op:
     handler: Callable
     runs_on: str = "loop"          # "loop" or "worker"
     needs_session: bool = False
-    check: Callable | None = None  # check(message): raises ProtocolError for bad fields, on the loop
+    check: Callable | None = None  # check(message, daemon): raises ProtocolError for bad fields, on the loop
 
 
 HANDLERS: dict[str, Op] = {}
+
+# Limits of one request (docs/security.md); the daemon's command line can change the exec ones.
+MAX_EXEC_CHARS = 1024 * 1024      # characters of query text in one exec
+MAX_STATEMENTS = 10_000           # statements in one exec
+MAX_EDITOR_INPUT = 256 * 1024     # characters of code/text for complete, hover, tokens
 
 
 def op(name: str, *, runs_on: str = "loop", needs_session: bool = False, check: Callable | None = None):
@@ -75,6 +80,7 @@ def hello(daemon, conn, message) -> dict:
     workdir = message.get("workdir")
     if isinstance(workdir, str) and os.path.isabs(workdir):
         conn.workdir = Path(workdir)
+        daemon.confine(conn)  # a second hello moves an existing session too
     conn.greeted = True
     return {
         "protocol": p.PROTOCOL_VERSION, "ops": list(p.OPS), "daemon_id": daemon.daemon_id, "pid": os.getpid(),
@@ -166,11 +172,13 @@ def shapes_elsewhere(daemon, model) -> dict:
     return {}
 
 
-def tokens_check(message: dict) -> None:
+def tokens_check(message: dict, daemon=None) -> None:
     text = message.get("text")
     if text is not None and not isinstance(text, str):
         raise p.ProtocolError(p.BAD_REQUEST, "'text' must be a string (or absent for the session's prompt)",
                               field="text")
+    if text is not None:
+        within(text, MAX_EDITOR_INPUT, "text")
 
 
 @op("tokens", needs_session=True, check=tokens_check)
@@ -188,7 +196,7 @@ def tokens(daemon, conn, message) -> dict:
     return {"text": text, "ids": list(ids), "strings": model.token_strings(ids)}
 
 
-@op("complete", needs_session=True, check=lambda message: code_and_offset(message))
+@op("complete", needs_session=True, check=lambda message, daemon: code_and_offset(message))
 def complete(daemon, conn, message) -> dict:
     from mlxterp_repl.dsl import complete as dsl_complete
 
@@ -198,7 +206,7 @@ def complete(daemon, conn, message) -> dict:
                        "start": c.start} for c in items]}
 
 
-@op("hover", needs_session=True, check=lambda message: code_and_offset(message))
+@op("hover", needs_session=True, check=lambda message, daemon: code_and_offset(message))
 def hover(daemon, conn, message):
     code, offset = code_and_offset(message)
     session = conn.session
@@ -207,8 +215,8 @@ def hover(daemon, conn, message):
 
 # --- on the model worker --------------------------------------------------------
 
-def exec_check(message: dict) -> None:
-    require(message, "code", str)
+def exec_check(message: dict, daemon) -> None:
+    within(require(message, "code", str), daemon.max_exec_chars, "code", "--max-exec-chars")
     workdir = message.get("workdir")
     if workdir is not None and not (isinstance(workdir, str) and os.path.isabs(workdir)):
         raise p.ProtocolError(p.BAD_REQUEST, "'workdir' must be an absolute directory path (where files "
@@ -222,8 +230,9 @@ def exec_(daemon, conn, message, job) -> None:
     full = bool(message.get("full", False))
     with_text = bool(message.get("text", False))
     workdir = message.get("workdir")
-    if workdir is not None:
-        conn.session.workdir = Path(workdir)
+    if workdir is not None and not conn.is_tcp:  # (a TCP client's directory means nothing here)
+        conn.workdir = Path(workdir)
+        daemon.confine(conn)
     results, error = run_query(daemon, conn, job, code, with_text)
     for index, data in enumerate(results):
         job.replies.append(p.reply(job.request_id, p.RESULT, index=index, result=daemon.shrink(conn, data, full)))
@@ -232,7 +241,7 @@ def exec_(daemon, conn, message, job) -> None:
     return None
 
 
-def bind_check(message: dict) -> None:
+def bind_check(message: dict, daemon=None) -> None:
     require(message, "name", str)
     if not p.is_array_data(message.get("array")):
         raise p.ProtocolError(p.BAD_REQUEST, "'array' must be an array ({dtype, shape, data}; a client sends a "
@@ -259,6 +268,9 @@ def run_query(daemon, conn, job, code: str, with_text: bool = False):
     from mlxterp_repl.dsl import QueryError
 
     def on_progress(*args, **kwargs):
+        if "out" in kwargs:  # text a statement streams as it goes (the tokens of `generate`)
+            daemon.send_threadsafe(conn, p.reply(job.request_id, p.OUT, text=str(kwargs["out"])))
+            return
         daemon.send_threadsafe(conn, p.reply(job.request_id, p.PROGRESS, **progress_fields(args, kwargs)))
 
     try:
@@ -268,19 +280,22 @@ def run_query(daemon, conn, job, code: str, with_text: bool = False):
                 sharded.announce({"op": "exec", "conn": conn.number, "code": code}, daemon.group)
                 should_stop = distributed.agreed_stop(should_stop, daemon.group)
             results = conn.session.execute(code, should_stop=should_stop, on_progress=on_progress,
-                                           trace_cache=daemon.trace_cache)
+                                           trace_cache=daemon.trace_cache, max_statements=daemon.max_statements)
         finally:
             daemon.note_model(conn)
         return [r.to_data(text=with_text) for r in results], None
-    except Interrupted:
-        return [], p.ProtocolError(p.INTERRUPTED, "interrupted")
+    except Interrupted as exc:
+        # Only raised where the work stopped: the reply says `interrupted` then, and only then.
+        partial = [r.to_data(text=with_text) for r in getattr(exc, "results", None) or []]
+        return partial, p.ProtocolError(p.INTERRUPTED, f"interrupted: {exc}" if str(exc) else "interrupted")
     except QueryError as exc:
         partial = [r.to_data(text=with_text) for r in getattr(exc, "results", None) or []]
-        if job.stop.is_set():
-            return partial, p.ProtocolError(p.INTERRUPTED, "interrupted")
         return partial, p.ProtocolError(p.QUERY_ERROR, exc.message, **without_message(exc.to_data()))
     except MlxterpError as exc:
         return [], p.ProtocolError(p.QUERY_ERROR, str(exc), suggestions=list(getattr(exc, "suggestions", [])))
+    except RecursionError:
+        return [], p.ProtocolError(p.QUERY_ERROR, "the query is nested too deeply to evaluate; split the "
+                                                  "expression into several `let` statements")
     # Anything else is a bug: the daemon logs it and answers `internal`.
 
 
@@ -294,8 +309,16 @@ def require(message: dict, field: str, kind: type):
     return value
 
 
+def within(text: str, limit: int, field: str, option: str | None = None) -> str:
+    if len(text) > limit:
+        how = f" (the daemon's {option})" if option else ""
+        raise p.ProtocolError(p.TOO_LARGE, f"'{field}' has {len(text):,} characters; the limit is {limit:,}{how}",
+                              field=field, limit=limit)
+    return text
+
+
 def code_and_offset(message: dict) -> tuple[str, int]:
-    code = require(message, "code", str)
+    code = within(require(message, "code", str), MAX_EDITOR_INPUT, "code")
     offset = message.get("offset", len(code))
     if not isinstance(offset, int) or isinstance(offset, bool) or not 0 <= offset <= len(code):
         raise p.ProtocolError(p.BAD_REQUEST, f"'offset' must be an integer from 0 to {len(code)} (a character "

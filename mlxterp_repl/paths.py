@@ -23,6 +23,9 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from mlxterp_repl import safe_files
+from mlxterp_repl.safe_files import write_bytes
+
 SOCKET_NAME = "daemon.sock"
 MAX_SOCKET_PATH = 103 if sys.platform == "darwin" else 107
 
@@ -79,19 +82,53 @@ def short_socket_path(runtime_dir: Path) -> Path:
 
 
 def ensure_private_dir(path: Path) -> Path:
-    """Create `path` with mode 0700, or check an existing one is ours and private."""
-    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    """Create `path` with mode 0700, or check an existing one is ours and private. A directory
+    mlxterp did not create is never chmod-ed: one that is not private is refused."""
+    if path.is_symlink() and not path.exists():
+        raise RuntimeDirError(f"{path} is a symbolic link to nothing ({os.readlink(path)}); remove it or set "
+                              "MLXTERP_RUNTIME_DIR to a directory of your own")
+    created = False
+    if not path.exists():
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        try:
+            os.mkdir(path, 0o700)
+            created = True
+        except FileExistsError:
+            pass
     info = path.lstat()
     if stat.S_ISLNK(info.st_mode) or not stat.S_ISDIR(info.st_mode):
-        raise RuntimeDirError(f"{path} is not a directory; remove it or set MLXTERP_RUNTIME_DIR")
+        raise RuntimeDirError(f"{path} is not a directory (a link or a file); remove it or set MLXTERP_RUNTIME_DIR")
     if info.st_uid != os.getuid():
         raise RuntimeDirError(
             f"{path} belongs to uid {info.st_uid}, not you (uid {os.getuid()}); "
             "set MLXTERP_RUNTIME_DIR to a directory of your own"
         )
     if stat.S_IMODE(info.st_mode) & 0o077:
-        os.chmod(path, 0o700)
+        if not created:
+            raise RuntimeDirError(
+                f"{path} has mode {stat.S_IMODE(info.st_mode):o}: other users could reach the daemon's socket and "
+                f"files. mlxterp changes only directories it creates: run `chmod 700 {path}` or pick another "
+                "(--runtime-dir, --socket, MLXTERP_RUNTIME_DIR, MLXTERP_SOCKET)")
+        os.chmod(path, 0o700)  # (a umask wider than 077 on a directory we just made)
     return path
+
+
+def open_private(path: Path) -> int:
+    """Open (creating, 0600) a pid or lock file, never through a symbolic link."""
+    try:
+        return safe_files.open_private(path)
+    except safe_files.UnsafePath as error:
+        raise RuntimeDirError(str(error)) from None
+
+
+def remove_socket(path: Path) -> None:
+    """Unlink `path` only when `lstat` shows a socket there (never a file or a link someone put there)."""
+    try:
+        info = path.lstat()
+    except FileNotFoundError:
+        return
+    if stat.S_ISSOCK(info.st_mode):
+        path.unlink(missing_ok=True)
 
 
 def prepare(paths: DaemonPaths) -> None:
@@ -102,13 +139,7 @@ def prepare(paths: DaemonPaths) -> None:
 
 def write_private(path: Path, text: str) -> None:
     """Write `text` to `path` readable by the user only (0600), replacing it atomically."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        os.write(fd, text.encode())
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
+    write_bytes(path, text.encode(), overwrite=True)
 
 
 def read_pid_file(paths: DaemonPaths) -> dict:
@@ -122,8 +153,8 @@ def read_pid_file(paths: DaemonPaths) -> dict:
 def daemon_alive(paths: DaemonPaths) -> bool:
     """True when a daemon holds the pid file's lock (the lock dies with its process)."""
     try:
-        fd = os.open(paths.pid_file, os.O_RDONLY)
-    except FileNotFoundError:
+        fd = os.open(paths.pid_file, os.O_RDONLY | os.O_NOFOLLOW)
+    except (FileNotFoundError, OSError):
         return False
     try:
         fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)

@@ -56,6 +56,8 @@ QUERY_ERROR = "query_error"        # the query language rejected the text (has s
 INTERRUPTED = "interrupted"
 MODEL_ERROR = "model_error"        # the model failed to load
 NOT_FOUND = "not_found"            # unknown fetch handle
+BUSY = "busy"                      # too many connections: try again later
+TOO_LARGE = "too_large"            # a request over a limit (exec text, statements, a prompt, memory)
 INTERNAL = "internal"
 
 HEADER = struct.Struct(">I")

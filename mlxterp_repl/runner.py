@@ -1,8 +1,9 @@
 """`mlxterp run FILE.mlxq`: run a query script in this process and print each result.
 
-Statements run in order; the first error (a parse error or one met while running) is
-printed with its line, column and underlined span, and ends the run with exit status 1
-unless --keep-going. With --json each statement prints one JSON object on its own line:
+The whole script is parsed before anything runs: a syntax error anywhere is printed with
+its line and runs nothing. Statements then run in order; the first error is printed with
+its line, column and underlined span, and ends the run with exit status 1 unless
+--keep-going (which also runs the statements around syntax errors). With --json each statement prints one JSON object on its own line:
 {"line", "statement", "ok", "result" | "error"}; arrays carry their bytes base64-encoded.
 """
 
@@ -29,6 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+DEFAULT_MODEL = "demo"  # what the daemon loads when `mlxterp run` starts it, and what --local loads
 NATURAL_WIDTH = 1000  # no terminal and no COLUMNS: tables at their natural width, text unwrapped
 MIN_WIDTH = 20
 
@@ -84,13 +86,18 @@ def run_script(source: str, session, *, as_json: bool = False, keep_going: bool 
     err = err or sys.stderr
     console = Console(file=out, soft_wrap=False, width=width or output_width())
     parsed = parse(source)
-    items = [(s.span.line, s.span.col, s) for s in parsed.statements]
-    items += [(e.span.line, e.span.col, e) for e in parsed.errors]
+    items = [(e.span.line, e.span.col, e) for e in parsed.errors]
+    if not keep_going and items:  # a broken script runs nothing: report every syntax error
+        items.sort(key=lambda item: (item[0], item[1]))
+        for _line, _col, error in items:
+            report_error(error, source, source_line(source, error.span.line), as_json, out, err)
+        return 1
+    items += [(s.span.line, s.span.col, s) for s in parsed.statements]
     items.sort(key=lambda item: (item[0], item[1]))
     status = 0
     for line, _col, item in items:
         error, result = None, None
-        text = item.text if hasattr(item, "text") else source.split("\n")[line - 1].strip()
+        text = item.text if hasattr(item, "text") else source_line(source, line)
         if isinstance(item, Exception):
             error = item
         else:
@@ -100,23 +107,33 @@ def run_script(source: str, session, *, as_json: bool = False, keep_going: bool 
                 result = session.execute_statement(item, trace_cache=trace_cache)
             except QueryError as exc:
                 error = exc
-        if as_json:
-            record = {"line": line, "statement": text, "ok": error is None}
-            if error is None:
-                record["result"] = jsonable(result.to_data(text=True))
-            else:
-                record["error"] = error.to_data()
+        if error is not None:
+            report_error(error, source, text, as_json, out, err)
+        elif as_json:
+            record = {"line": line, "statement": text, "ok": True, "result": jsonable(result.to_data(text=True))}
             print(json.dumps(record, ensure_ascii=False), file=out, flush=True)
-        elif error is None:
+        else:
             console.print(f"[dim]{line}:[/dim] [bold]{escape(echoed(text))}[/bold]")
             console.print(result.render())
-        else:
-            print(error.render(source), file=err, flush=True)
         if error is not None:
             status = 1
             if not keep_going:
                 break
     return status
+
+
+def report_error(error, source: str, text: str, as_json: bool, out, err) -> None:
+    """An error as `mlxterp run` prints it: a JSON record on stdout, or drawn with its line on stderr."""
+    if as_json:
+        record = {"line": error.span.line, "statement": text, "ok": False, "error": error.to_data()}
+        print(json.dumps(record, ensure_ascii=False), file=out, flush=True)
+    else:
+        print(error.render(source), file=err, flush=True)
+
+
+def source_line(source: str, line: int) -> str:
+    lines = source.split("\n")
+    return lines[line - 1].strip() if 0 < line <= len(lines) else ""
 
 
 ECHO_CHARS = 240  # a statement longer than this (a long prompt) is echoed by its start and end
@@ -141,10 +158,20 @@ def main(argv: list[str]) -> int:
         source = sys.stdin.read()
     else:
         path = Path(options.file)
+        if path.is_dir():
+            print(f"mlxterp run: {options.file} is a directory; give a .mlxq script in it, such as "
+                  f"{next(iter(sorted(path.glob('*.mlxq'))), path / 'script.mlxq')}", file=sys.stderr)
+            return 2
         if not path.is_file():
             print(f"mlxterp run: no such file: {options.file}", file=sys.stderr)
             return 2
-        source = path.read_text(encoding="utf-8")
+        try:
+            source = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as error:
+            print(f"mlxterp run: {options.file} is not UTF-8 text ({error.reason} at byte {error.start})",
+                  file=sys.stderr)
+            return 2
+    source = source.removeprefix("\ufeff")  # a byte-order mark some editors write
 
     if not options.local:
         return run_through_daemon(source, options)
@@ -154,15 +181,15 @@ def main(argv: list[str]) -> int:
     from mlxterp_repl.dsl import Session, TraceCache
 
     # As the daemon path does (workdir, a trace cache of the daemon's default budget), so both print the same.
+    # The daemon path's default model too (`demo`), so a script runs the same either way.
     session = Session(workdir=Path.cwd())
-    if options.model:
-        from mlxterp import InterpretableModel
+    from mlxterp import InterpretableModel
 
-        try:
-            session.model = InterpretableModel(options.model)
-        except MlxterpError as error:
-            print(f"mlxterp run: cannot load --model {options.model}: {error}", file=sys.stderr)
-            return 2
+    try:
+        session.model = InterpretableModel(options.model or DEFAULT_MODEL)
+    except MlxterpError as error:
+        print(f"mlxterp run: cannot load --model {options.model or DEFAULT_MODEL}: {error}", file=sys.stderr)
+        return 2
     try:
         return run_script(source, session, as_json=options.json, keep_going=options.keep_going,
                           trace_cache=TraceCache(), width=output_width(options.width))
@@ -177,7 +204,7 @@ def run_through_daemon(source: str, options) -> int:
     from mlxterp_repl.client import DaemonError, DaemonNotRunning, connect
 
     try:
-        client = connect(model=options.model or "demo")
+        client = connect(model=options.model or DEFAULT_MODEL)
     except (DaemonNotRunning, OSError) as error:
         print(f"mlxterp run: cannot reach the daemon: {error}; --local runs without it", file=sys.stderr)
         return 2

@@ -41,7 +41,8 @@ def remove_stale_files(files: daemon_files.DaemonPaths) -> None:
     """Delete the socket, pid and connection files of a daemon that is gone."""
     if daemon_files.daemon_alive(files):
         return
-    for path in (files.socket, files.pid_file, files.connection_file):
+    daemon_files.remove_socket(files.socket)
+    for path in (files.pid_file, files.connection_file):
         try:
             path.unlink()
         except FileNotFoundError:
@@ -82,7 +83,7 @@ def ensure_daemon(files: daemon_files.DaemonPaths, model: str = "demo", timeout:
         pass
     daemon_files.prepare(files)
     deadline = time.monotonic() + timeout
-    lock_fd = os.open(files.lock_file, os.O_RDWR | os.O_CREAT, 0o600)
+    lock_fd = daemon_files.open_private(files.lock_file)
     try:
         while True:  # wait for the start lock, without blocking forever
             try:

@@ -49,12 +49,13 @@ def test_runtime_dir_is_0700_and_socket_0600(tmp_path):
     assert not daemon.files.socket.exists() and not daemon.files.pid_file.exists()
 
 
-def test_a_group_readable_runtime_dir_is_made_private(tmp_path):
+def test_a_group_readable_runtime_dir_given_is_refused_and_left_alone(tmp_path):
     runtime = tmp_path / "open"
     runtime.mkdir(mode=0o755)
     os.chmod(runtime, 0o755)
-    daemon_files.prepare(daemon_files.daemon_paths(runtime))
-    assert mode(runtime) == 0o700
+    with pytest.raises(daemon_files.RuntimeDirError, match="chmod 700"):
+        daemon_files.prepare(daemon_files.daemon_paths(runtime))
+    assert mode(runtime) == 0o755  # not mlxterp's directory: its mode is not changed
 
 
 def test_runtime_dir_follows_the_environment(tmp_path, monkeypatch):

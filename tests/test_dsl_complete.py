@@ -70,7 +70,7 @@ def test_completion_replaces_the_word_being_typed():
 
 def test_options_left_after_the_target():
     assert labels("save layers.3 ") == ["@", "in", "as"]
-    assert labels("lens top 3 ") == ["@", "layers", "in", "plot"]
+    assert labels("lens top 3 ") == ["@", "layers", "in", "tuned", "plot", "overwrite"]
 
 
 def test_positions_offer_prompt_tokens_quoted():
@@ -92,7 +92,8 @@ def test_variables_after_dollar():
 
 
 def test_interventions_after_a_with_target_then_queries_only():
-    assert labels("with layers.3 ") == ["zero", "scale", "clamp", "noise", "add", "replace"]
+    assert labels("with layers.3 ") == ["zero", "scale", "clamp", "noise", "add", "replace", "ablate", "amplify",
+                                        "inject"]
     assert labels("with layers.3 zero: ") == ["save", "lens", "predict", "stats", "export"]
 
 

@@ -30,9 +30,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # a value each option reader accepts (answers needs the metric it goes with)
 OPTION_SAMPLES = {"position": "-1", "string": '"Paris is"', "new_var": "$kept", "count": "3", "layers": "0..2",
-                  "plot": "", "metric": "l2", "file": "out.npz", "answers": '" Paris" " London"'}
+                  "plot": "", "metric": "l2", "file": "out.npz", "answers": '" Paris" " London"',
+                  "flag": ""}
 ARGUMENT_SAMPLES = {"nothing": "", "path": "layers.1", "optional_path": "", "path_or_var": "layers.1",
-                    "string": '"Paris is"', "optional_string": ""}
+                    "string": '"Paris is"', "optional_string": "", "count": "3"}
 
 
 def option_text(keyword: str) -> str:

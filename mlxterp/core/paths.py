@@ -17,6 +17,13 @@ every way a person can name a module: full names, short names (`layers.6.mlp`, `
 aliases (`attn`, `mlp`, `embed`, `norm`, `lm_head`), negative layers and patterns. The
 library builds one from the model (`mlxterp.naming`); the daemon sends it (`to_data`) so
 the language server runs this same resolver.
+
+Hook points are names too (docs/coming-from.md): `layers.N.resid_pre|resid_mid|resid_post|
+attn_out|mlp_out`, per head `layers.N.attn.q|k|v|z|pattern` with an optional head selection
+`.head[3]` (`head[1,3]`, `head[0..3]`, `head[*]`), and `PATH.input` (a module's input). The
+table lists which hook points the model has (`hooks`, built by `mlxterp.hooks` per
+architecture); a hook's full name is its module's full name plus the hook
+(`model.model.layers.8.self_attn.z.head[3]`), and `hook_parts` splits one back.
 """
 
 from __future__ import annotations
@@ -48,6 +55,26 @@ _LIST = re.compile(r"^\[(.*)\]$")
 _SPLIT = re.compile(r"(?<!\.)\.(?!\.)")
 
 LAYERS_HELP = "3, -1, 0..5, 7..0, [1,3] or *"
+
+# Hook points: points of the residual stream of each layer, and per-head values of its attention.
+LAYER_HOOKS = {
+    "resid_pre": "the residual stream entering the layer (its input)",
+    "resid_mid": "the residual stream between attention and MLP (resid_pre + attn_out)",
+    "resid_post": "the residual stream leaving the layer (its output)",
+    "attn_out": "what the attention adds to the residual stream",
+    "mlp_out": "what the MLP adds to the residual stream",
+}
+HEAD_HOOKS = {
+    "q": "queries per head (batch, positions, heads, head_dim), after norms and RoPE",
+    "k": "keys per key/value head (batch, positions, kv_heads, head_dim), after norms and RoPE",
+    "v": "values per key/value head (batch, positions, kv_heads, head_dim)",
+    "z": "each head's mix of values, the output projection's input (batch, positions, heads, head_dim)",
+    "pattern": "attention probabilities (batch, heads, query, key)",
+}
+INPUT = "input"
+HOOK_HELP = ("layers.N.resid_pre, resid_mid, resid_post, attn_out, mlp_out; layers.N.attn.q, k, v, z, pattern "
+             "(optionally .head[H]); PATH.input")
+_HEAD = re.compile(r"^head\[(.*)\]$")
 
 
 def split_path(text: str) -> list[str]:
@@ -132,6 +159,9 @@ class NameTable:
     layers_prefix: str | None = None  # full name of the layer list, e.g. "model.model.layers"
     n_layers: int = 0
     forwards: dict[str, str] = field(default_factory=dict)  # container never called itself -> its one child
+    hooks: list[str] = field(default_factory=list)  # hook points every layer has: "resid_pre", "attn.z", ...
+    n_heads: int = 0  # query heads per layer (0: unknown), for head selections
+    hooks_note: str = ""  # why some hook points are missing (names the architecture)
 
     def __post_init__(self):
         self.names = list(dict.fromkeys(self.names))
@@ -148,12 +178,14 @@ class NameTable:
     # -- plain data ------------------------------------------------------
     def to_data(self) -> dict:
         return {"names": list(self.names), "layers_prefix": self.layers_prefix, "n_layers": self.n_layers,
-                "forwards": dict(self.forwards)}
+                "forwards": dict(self.forwards), "hooks": list(self.hooks), "n_heads": self.n_heads,
+                "hooks_note": self.hooks_note}
 
     @classmethod
     def from_data(cls, data: dict) -> "NameTable":
         return cls(list(data.get("names") or []), data.get("layers_prefix"), int(data.get("n_layers") or 0),
-                   dict(data.get("forwards") or {}))
+                   dict(data.get("forwards") or {}), list(data.get("hooks") or []), int(data.get("n_heads") or 0),
+                   str(data.get("hooks_note") or ""))
 
     def __contains__(self, full: str) -> bool:
         return full in self._known
@@ -173,10 +205,114 @@ class NameTable:
 
     def short(self, full: str) -> str:
         """The shortest name that still names `full` alone (`layers.6.mlp`, `embed_tokens`)."""
-        return OUTPUT if full == OUTPUT else self._short.get(full, full)
+        if full == OUTPUT:
+            return OUTPUT
+        if full not in self._short:
+            parts = self.hook_parts(full)
+            if parts is not None:
+                module, hook, heads = parts
+                return ".".join([self.short(module), hook.split(".")[-1]] + ([f"head[{heads}]"] if heads else []))
+        return self._short.get(full, full)
 
     def short_names(self) -> list[str]:
         return [self._short[full] for full in self.names]
+
+    def path_names(self) -> list[str]:
+        """Short names of the modules and of every layer's hook points (what completion offers)."""
+        names = self.short_names()
+        for layer in self.layer_names:
+            short = self._short.get(layer, layer)
+            attention = self._attention_of(layer)
+            for hook in self.hooks:
+                if hook.startswith("attn."):
+                    if attention is not None:
+                        names.append(f"{self._short[attention]}.{hook[5:]}")
+                else:
+                    names.append(f"{short}.{hook}")
+        return names
+
+    # -- hook points -------------------------------------------------------
+    def _attention_of(self, layer_full: str) -> str | None:
+        for variant in ALIASES["attn"]:
+            if f"{layer_full}.{variant}" in self._known:
+                return self._called(f"{layer_full}.{variant}")
+        return None
+
+    @staticmethod
+    def _split_hook(parts: list[str]) -> tuple[list[str], str, str | None] | None:
+        """(module path parts, hook word, head selection text) of a written hook name, or None."""
+        heads = None
+        if parts and _HEAD.match(parts[-1]):
+            heads = _HEAD.match(parts[-1]).group(1).replace(" ", "")
+            parts = parts[:-1]
+        if len(parts) < 2:
+            return None
+        last = parts[-1]
+        if last == INPUT or last in LAYER_HOOKS:
+            return parts[:-1], last, heads
+        if last in HEAD_HOOKS:
+            return parts[:-1], "attn." + last, heads
+        return None
+
+    def hook_parts(self, full: str) -> tuple[str, str, str | None] | None:
+        """A hook point's full name split into (module full name, hook, head selection), or None
+        when `full` is not one (`...layers.8.self_attn.z.head[3]` -> (`...self_attn`, `attn.z`, `3`))."""
+        if not isinstance(full, str) or full in self._known or full == OUTPUT:
+            return None
+        split = self._split_hook(split_path(full))
+        if split is None:
+            return None
+        module = ".".join(split[0])
+        return (module, split[1], split[2]) if module in self._known else None
+
+    def head_indices(self, heads: str | None) -> list[int] | None:
+        """Head numbers of a head selection text (`3`, `[1,3]`, `0..3`, `*`); None: every head."""
+        if heads is None:
+            return None
+        selection = parse_layers(heads if not heads.count(",") or heads.startswith("[") else f"[{heads}]")
+        if selection is None or not self.n_heads:
+            raise UnknownModuleError(f"head[{heads}]", [], "a head selection is head[3], head[1,3], head[0..3] or "
+                                     "head[*]" + ("" if self.n_heads else "; this model's heads are not known"))
+        try:
+            return selection.indices(self.n_heads)
+        except LayerIndexError:
+            raise UnknownModuleError(f"head[{heads}]", [f"head[{self.n_heads - 1}]"],
+                                     f"the attention has {self.n_heads} heads: 0..{self.n_heads - 1}") from None
+
+    def _hooks(self, name: str, split) -> list[str]:
+        """Full names of a written hook name over every module its path stands for."""
+        module_parts, hook, heads = split
+        if hook == INPUT:
+            if heads is not None:
+                raise UnknownModuleError(name, [], "a head selection follows attn.q, k, v, z or pattern")
+            return [f"{full}.{INPUT}" for full in self.expand(".".join(module_parts)) if full != OUTPUT]
+        if hook not in self.hooks:
+            why = f" ({self.hooks_note})" if self.hooks_note else ""
+            raise UnknownModuleError(name, [], f"hook point {hook} is not available for this model{why}; "
+                                     f"it has: " + (", ".join(self.hooks) or "none"))
+        if hook.startswith("attn."):
+            module_parts = module_parts[:-1] if module_parts and module_parts[-1] in (
+                ("attn",) + ALIASES["attn"]) else module_parts
+            if heads is not None:
+                self.head_indices(heads)
+        elif heads is not None:
+            raise UnknownModuleError(name, [], "a head selection follows attn.q, k, v, z or pattern")
+        layers = self.expand(".".join(module_parts)) if module_parts else []
+        found = []
+        for layer in layers:
+            if layer not in self.layer_names:
+                where = "a layer's attention" if hook.startswith("attn.") else "a layer"
+                raise UnknownModuleError(name, [f"layers.0.{hook}"], f"{hook.split('.')[-1]} is a hook point of "
+                                         f"{where}: layers.N.{hook}")
+            if hook.startswith("attn."):
+                attention = self._attention_of(layer)
+                if attention is None:
+                    raise UnknownModuleError(name, [], f"layer {layer} has no attention module")
+                base = f"{attention}.{hook[5:]}"
+            else:
+                base = f"{layer}.{hook}"
+            found.append(base + (f".head[{heads}]" if heads is not None else ""))
+        return found
 
     def layer_index(self, full: str) -> int | None:
         """The index of the layer a module belongs to, or None."""
@@ -210,6 +346,13 @@ class NameTable:
         if name == "logits":
             return OUTPUT
         parts = split_path(name)
+        hook = self._split_hook(parts)
+        if hook is not None:
+            found = self._hooks(name, hook)
+            if len(found) == 1:
+                return found[0]
+            raise UnknownModuleError(name, [self.short(f) for f in found[:6]],
+                                     f"a pattern naming {len(found)} hook points where one is needed")
         if self.layer_segment_at(parts) is not None or _is_pattern(parts):
             found = self.expand(name)
             if len(found) == 1:
@@ -277,7 +420,7 @@ class NameTable:
 
     def suggest(self, name: str, n: int = 5) -> list[str]:
         """Valid names close to `name`."""
-        shorts = sorted(set(self._short.values()) - {ROOT}) + [OUTPUT]
+        shorts = sorted(set(self.path_names()) - {ROOT}) + [OUTPUT]
         close = difflib.get_close_matches(name, shorts, n=n, cutoff=0.5)
         if not close:
             last = split_path(name)[-1] if split_path(name) else name
@@ -293,6 +436,9 @@ class NameTable:
         if pattern in (OUTPUT, "logits") or pattern in self._known:
             return [self.resolve(pattern)]
         parts = split_path(pattern)
+        hook = self._split_hook(parts)
+        if hook is not None:
+            return self._hooks(pattern, hook)
         at = self.layer_segment_at(parts)
         if at is not None:
             selection = parse_layers(parts[at])

@@ -32,7 +32,7 @@ class Option:
 
 
 # How the parser reads what follows an option keyword (one `Parser` method per reader).
-OPTION_READERS = ("position", "string", "new_var", "count", "layers", "plot", "metric", "file", "answers")
+OPTION_READERS = ("position", "string", "new_var", "count", "layers", "plot", "metric", "file", "answers", "flag")
 
 OPTIONS: dict[str, Option] = {o.keyword: o for o in [
     Option("@", "POSITION", "position", "position", "the token positions (default: all)", '"@" position'),
@@ -48,12 +48,22 @@ OPTIONS: dict[str, Option] = {o.keyword: o for o in [
     Option("answers", '"A" "B"', "answers", "answers", "the two single-token answers metric logit_diff compares",
            '"answers" STRING STRING'),
     Option("to", "FILE", "file", "file", "the file to write (.npz or .safetensors)", '"to" word_or_string'),
+    Option("tuned", "DIR", "tuned", "file", "decode through the tuned lens saved in DIR (demo: the one bundled "
+           "for the demo model); each directory is loaded once per session", '"tuned" word_or_string'),
+    Option("subject", '"TEXT"', "subject", "string", "the subject's text in the prompt (its tokens are corrupted)",
+           '"subject" STRING'),
+    Option("answer", '"TEXT"', "answer", "string", "the single-token answer whose probability is traced "
+           "(default: the clean run's top token)", '"answer" STRING'),
+    Option("overwrite", "", "overwrite", "flag", "replace the file if it exists (without it, an existing file "
+           "is an error)", '"overwrite"'),
+    Option("ignore_eos", "", "ignore_eos", "flag", "go on past the end-of-sequence token (exactly N tokens)",
+           '"ignore_eos"'),
 ]}
 
 # What may follow a statement's keyword before its options (the parser has one reader each),
 # and its EBNF in docs/dsl.md.
 ARGUMENT_READERS = {"nothing": "", "path": "path", "optional_path": "[ path ]", "path_or_var": "( path | VAR )",
-                    "string": "STRING", "optional_string": "[ STRING ]"}
+                    "string": "STRING", "optional_string": "[ STRING ]", "count": "INT"}
 
 
 @dataclass(frozen=True)
@@ -138,14 +148,17 @@ STATEMENTS: dict[str, Statement] = {s.name: s for s in [
              "`with model.trace(prompt): model.layers[8].output.save()[0, position]`.",
         examples=('save layers.8 @ "France"', "save layers.0..3.mlp @ -1 as $mlps")),
     Statement(
-        "lens", "logit lens", options=("@", "top", "layers", "in", "plot"), with_body=True,
+        "lens", "logit lens", options=("@", "top", "layers", "in", "tuned", "plot", "overwrite"), with_body=True,
         help="The logit lens (`model.logit_lens`): each layer's output decoded through the final norm and the "
              "unembedding. Without `@` (or with several positions): the top `top` tokens (default 1) per layer "
              "and position, coloured by token. With one position: the top `top` tokens (default 5) with their "
              "logits. `top` is at most the vocabulary size; the terminal draws 3 per cell (10 for one position) "
              "and says so, the result's data holds all. `plot [to FILE]` writes the heatmap as a PNG. It decodes "
-             "the same run `save` reads (the trace cache's, interventions of `with` and `steer` included).",
-        examples=("lens layers 10..15", "lens @ -1 top 3 layers 12..15")),
+             "the same run `save` reads (the trace cache's, interventions of `with` and `steer` included). "
+             "`tuned DIR` decodes each layer through the tuned lens saved in DIR first (`logit_lens(..., "
+             "lens=\"tuned\", translators=...)`; `tuned demo` is the one bundled for the demo model); a directory "
+             "is loaded once per session.",
+        examples=("lens layers 10..15", "lens @ -1 top 3 layers 12..15", "lens tuned demo @ -1 top 3 layers 0..3")),
     Statement(
         "predict", "top tokens a hidden state decodes to", argument="PATH|$NAME", reads="path_or_var",
         field="target", options=("@", "top", "in"), with_body=True,
@@ -155,7 +168,8 @@ STATEMENTS: dict[str, Statement] = {s.name: s for s in [
     Statement(
         "patch", "activation-patching sweep over layers (and positions, with @): recovery %",
         argument="COMPONENT", reads="path", field="component",
-        options=("clean", "corrupt", "@", "metric", "answers", "layers", "plot"), required=("clean", "corrupt"),
+        options=("clean", "corrupt", "@", "metric", "answers", "layers", "plot", "overwrite"),
+        required=("clean", "corrupt"),
         check="check_patch",
         help="Activation patching (`model.activation_patching`): each layer's component (`mlp`, `attn`, "
              "`mlp.gate_proj`, `self_attn.q_proj`, or `layer` for the whole block) is patched from the clean run "
@@ -169,6 +183,53 @@ STATEMENTS: dict[str, Statement] = {s.name: s for s in [
         examples=('patch mlp clean "Paris is the capital of France" corrupt "London is the capital of France"',
                   'patch mlp clean "Paris is the capital of France" corrupt "London is the capital of France" @ * '
                   'metric logit_diff answers " Paris" " London" layers 0..5')),
+    Statement(
+        "sae", "load a sparse autoencoder for the module it reads; alone: list the loaded ones",
+        argument="[load DIR]", keywords=("load",), parser="statement_sae", grammar='[ "load" word_or_string ]',
+        help="Loads a sparse autoencoder saved with `sae.save(DIR)` (`mlxterp.sae.load_sae`; `sae load demo` is the "
+             "one bundled for the demo model's `layers.8`) for the module it was trained on. Then `features MODULE` "
+             "lists its most active features, and the interventions `ablate F`, `amplify F K` and `inject F A` on "
+             "that module act on its feature F (see [Interventions](#interventions)). Another SAE for the same "
+             "module replaces it; `sae` alone lists the loaded SAEs; `load` (another model) forgets them.",
+        examples=("sae load demo",)),
+    Statement(
+        "features", "the most active features of a module's SAE at one position", argument="PATH", reads="path",
+        field="target", options=("@", "top", "in"), with_body=True, result="active_features",
+        help="The `top` (default 10) features of the SAE loaded for the module (`sae load`) most active at one "
+             "position (default `@ -1`) of the prompt, with their activations (`mlxterp.sae.active_features`). "
+             "Under `with` or `steer`, the features of the intervened run.",
+        examples=("features layers.8 @ -1 top 5", "with layers.8 ablate 487: features layers.8 @ -1 top 3"),
+        setup=("sae load demo",)),
+    Statement(
+        "heads", "head-type scores of every attention head: induction, previous-token, first-token",
+        argument="[induction|previous|first]", keywords=("induction", "previous", "first"),
+        options=("layers", "in", "plot", "overwrite"), parser="statement_heads", grammar='[ "induction" | "previous" | "first" ]',
+        help="Mean attention of every head of the layers asked for (`mlxterp.heads.head_scores`): `induction` "
+             "on sequences of random tokens repeated twice (from each token of the second copy to the token after "
+             "its first occurrence), `previous` (to the token before) and `first` (to the first token, where BOS "
+             "sits) on the same sequences, or on the text of `in \"TEXT\"`; without a kind, all three. Scores of "
+             "0.4 and more are bold; `plot [to FILE]` writes the layer x head heatmaps as a PNG.",
+        examples=("heads induction layers 0..3", 'heads previous in "The capital of France is" layers 0..1')),
+    Statement(
+        "causal", "causal tracing (ROME): restore each state of a run whose subject is corrupted",
+        argument='["TEXT"]', reads="optional_string", field="input",
+        options=("subject", "answer", "layers", "plot", "overwrite"), required=("subject",), result="causal_trace",
+        help="Causal tracing (`mlxterp.causal_tracing.causal_trace`) of the prompt (or the text given): the "
+             "subject's token embeddings get Gaussian noise (3 x the embedding's standard deviation, 10 seeded "
+             "draws), then each state of the corrupted run is restored to its clean value in turn: the residual "
+             "stream at each (layer, position), and the MLP and the attention outputs of a window of 10 layers "
+             "around the layer. The result: three heatmaps of the answer's probability per layer and position "
+             "(the subject's tokens starred), the best layer of each position drawn in the terminal. `answer` "
+             "defaults to the clean run's top token; `plot [to FILE]` writes the heatmaps as a PNG.",
+        examples=('causal "The capital of France is" subject "France" answer " Paris" layers 6..9',)),
+    Statement(
+        "generate", "generate N tokens after the prompt (streamed), under the steering in force",
+        argument="N", reads="count", field="count", options=("in", "ignore_eos"), with_body=True,
+        help="Generates up to N tokens greedily after the prompt (or `in \"...\"`) with mlx-lm's KV cache "
+             "(`model.generate`), streaming each token as it comes. `steer` and `with ...:` interventions apply at "
+             "every step. It ends at the end-of-sequence token unless `ignore_eos`. Interrupting (Ctrl-C, `interrupt`) "
+             "stops between tokens; the reply says interrupted and what was generated by then.",
+        examples=('generate 5 in "The capital of France is"',)),
     Statement(
         "with", "run one query under interventions", argument="INTERVENTION {, INTERVENTION}: STATEMENT",
         parser="statement_with", result="the query's", grammar='intervention { "," intervention } ":" query',
@@ -200,8 +261,12 @@ STATEMENTS: dict[str, Statement] = {s.name: s for s in [
         examples=("stats layers.0..3.mlp @ -1",)),
     Statement(
         "export", "write arrays to .npz or .safetensors", argument="$NAME|PATH", reads="path_or_var",
-        field="source", options=("@", "in", "to"), required=("to",), with_body=True, check="check_export",
-        help="Writes a saved value, or a path's activations, to `.npz` or `.safetensors`.",
+        field="source", options=("@", "in", "to", "overwrite"), required=("to",), with_body=True,
+        check="check_export",
+        help="Writes a saved value, or a path's activations, to `.npz` or `.safetensors`, through a temporary "
+             "file renamed over the target (a crash or a full disk never leaves half a file). An existing file "
+             "is replaced only with `overwrite`. Under the daemon the name is relative to the client's "
+             "directory and may not leave it (docs/security.md).",
         examples=("export $mlps to acts.safetensors",), setup=("save layers.0..3.mlp @ -1 as $mlps",)),
     Statement(
         "info", "model summary",
@@ -250,6 +315,14 @@ INTERVENTIONS: dict[str, Intervention] = {i.name: i for i in [
     Intervention("replace", (("$x", "var", "a $name"),), library="iv.replace_with(x)",
                  effect="replaced by a saved activation (save it `@ *` from a prompt of the same length; a single "
                         "vector replaces every position)"),
+    Intervention("ablate", (("F", "number", "a feature index"),), library="sae.ablate(F)",
+                 effect="feature F of the SAE loaded for the target (`sae load`) removed: its activation times its "
+                        "direction subtracted"),
+    Intervention("amplify", (("F", "number", "a feature index"), ("K", "number", "a factor")),
+                 library="sae.scale(F, K)", effect="feature F's contribution (of the target's SAE) multiplied by K"),
+    Intervention("inject", (("F", "number", "a feature index"), ("A", "number", "an amount")),
+                 library="sae.steer(F, A)",
+                 effect="A times the direction of feature F (of the target's SAE) added at every position"),
 ]}
 
 # metric of `patch ... metric NAME` -> what it measures

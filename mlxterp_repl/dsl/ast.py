@@ -85,13 +85,15 @@ class Plot(Node):
 
 @dataclass(kw_only=True)
 class Intervention(Node):
-    """`TARGET zero | scale K | clamp LO HI | noise STD [seed N] | add $v [* K] | replace $x`."""
+    """`TARGET zero | scale K | clamp LO HI | noise STD [seed N] | add $v [* K] | replace $x`, then `[@ POSITION]`."""
 
     target: Path
     kind: str
     numbers: list[float] = field(default_factory=list)
     var: Var | None = None
     seed: int | None = None
+    position: Node | None = None  # `@ POSITION` after it: only at those positions
+    position_text: str = ""  # the position as written (spaces removed)
 
     def canonical(self) -> str:
         """The intervention as text with spacing normalised (part of a trace cache key)."""
@@ -103,6 +105,8 @@ class Intervention(Node):
         parts += [repr(float(x)) for x in self.numbers]
         if self.seed is not None:
             parts += ["seed", str(self.seed)]
+        if self.position is not None:
+            parts += ["@", self.position_text]
         return " ".join(parts)
 
 
@@ -170,7 +174,16 @@ class Lens(Statement):
     top: int | None = None
     layers: Layers | None = None
     input: String | None = None
+    tuned: String | None = None  # the tuned lens's directory (`tuned DIR`); None: the logit lens
     plot: Plot | None = None
+    overwrite: bool = False  # replace an existing file (export, plot to FILE)
+
+
+@dataclass(kw_only=True)
+class Generate(Statement):
+    count: int = 0
+    input: String | None = None
+    ignore_eos: bool = False
 
 
 @dataclass(kw_only=True)
@@ -191,6 +204,39 @@ class Patch(Statement):
     answers: list[String] | None = None  # (clean answer, corrupted answer) for metric logit_diff
     layers: Layers | None = None
     plot: Plot | None = None
+    overwrite: bool = False  # replace an existing file (export, plot to FILE)
+
+
+@dataclass(kw_only=True)
+class Sae(Statement):
+    source: String | None = None  # the SAE's directory (`sae load DIR`); None: list the loaded ones
+
+
+@dataclass(kw_only=True)
+class Features(Statement):
+    target: Path
+    position: Node | None = None
+    top: int | None = None
+    input: String | None = None
+
+
+@dataclass(kw_only=True)
+class Heads(Statement):
+    kind: String | None = None  # induction | previous | first; None: all three
+    layers: Layers | None = None
+    input: String | None = None
+    plot: Plot | None = None
+    overwrite: bool = False  # replace an existing file (plot to FILE)
+
+
+@dataclass(kw_only=True)
+class Causal(Statement):
+    input: String | None = None  # the prompt; None: the session's
+    subject: String | None = None  # required: the parser refuses a causal without `subject`
+    answer: String | None = None
+    layers: Layers | None = None
+    plot: Plot | None = None
+    overwrite: bool = False  # replace an existing file (plot to FILE)
 
 
 @dataclass(kw_only=True)
@@ -229,6 +275,7 @@ class Export(Statement):
     file: String | None = None  # required: the parser refuses an export without `to FILE`
     position: Node | None = None
     input: String | None = None
+    overwrite: bool = False  # replace an existing file (export, plot to FILE)
 
 
 @dataclass(kw_only=True)

@@ -15,6 +15,8 @@ captures every module once and answers later questions about the same run from t
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import hashlib
 import os
 from collections import OrderedDict
@@ -26,11 +28,13 @@ import numpy as np
 from mlxterp import InterpretableModel
 from mlxterp.attention import token_axis
 import mlxterp.interventions as iv  # (not `from mlxterp import interventions`: that recurses in mlxterp.__getattr__)
+from mlxterp.core import positions as positions_rules
 from mlxterp.core.statements import STATEMENTS, usage
 from mlxterp.errors import Interrupted, LayerIndexError, MlxterpError, UnknownModuleError
 
+from mlxterp_repl import safe_files
 from mlxterp_repl.dsl import ast, selection
-from mlxterp_repl.dsl.errors import QueryError, closest
+from mlxterp_repl.dsl.errors import QueryError, Span, closest
 from mlxterp_repl.dsl.parser import parse, statement_name
 from mlxterp.results import (TOKENS_SHOWN, ActivationStats, TableResult, TextResult, TokenPredictions, ValuesResult,
                              prompt_label, token_label, token_listing)
@@ -135,6 +139,59 @@ def to_numpy(array) -> np.ndarray:
     return np.asarray(array, dtype=np.float32)
 
 
+def context_length(model) -> int | None:
+    """The longest input the model was built for (max_position_embeddings or its kin), or None."""
+    args = getattr(getattr(model, "model", None), "args", None)
+    for key in ("max_position_embeddings", "n_positions", "n_ctx", "max_seq_len", "context_length"):
+        value = getattr(args, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def memory_estimate(model, n_tokens: int) -> int:
+    """Bytes one traced forward pass over `n_tokens` may hold at its peak, roughly: every
+    module's output kept (about 24 hidden-size arrays a layer, float32), one layer's attention
+    scores (heads x tokens x tokens, twice for the softmax) and the logits."""
+    hidden, layers = int(model.hidden_size or 1), int(model.n_layers or 1)
+    args = getattr(getattr(model, "model", None), "args", None)
+    heads = int(getattr(args, "num_attention_heads", 0) or getattr(args, "n_head", 0) or 32)
+    vocab = int(getattr(model, "vocab_size", 0) or 32000)
+    return 4 * (24 * layers * n_tokens * hidden + 2 * heads * n_tokens * n_tokens + 2 * n_tokens * vocab)
+
+
+def memory_budget() -> int:
+    """Bytes one query may use: $MLXTERP_QUERY_MEMORY_MB, else half the memory available now."""
+    explicit = os.environ.get("MLXTERP_QUERY_MEMORY_MB")
+    if explicit:
+        return int(float(explicit) * 2**20)
+    try:
+        with open("/proc/meminfo") as info:
+            for line in info:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024 // 2
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 2
+    except (ValueError, OSError, AttributeError):
+        return 8 * 2**30
+
+
+def check_input_fits(model, n_tokens: int, span) -> None:
+    """Refuse an input longer than the model's context, or one whose forward pass would need
+    more memory than the budget (a query must never take the daemon down)."""
+    limit = context_length(model)
+    if limit is not None and n_tokens > limit:
+        raise QueryError(f"this input has {n_tokens:,} tokens; the model takes at most {limit:,} "
+                         "(max_position_embeddings): shorten it", span)
+    need, budget = memory_estimate(model, n_tokens), memory_budget()
+    if need > budget:
+        raise QueryError(f"this input has {n_tokens:,} tokens: a forward pass would need about "
+                         f"{need / 2**20:,.0f} MiB, over the budget of {budget / 2**20:,.0f} MiB "
+                         "($MLXTERP_QUERY_MEMORY_MB): shorten it", span)
+
+
 def load_model(source: str, layer_attr: str = "layers") -> InterpretableModel:
     """What `load` does unless a Session is given another loader."""
     return InterpretableModel(source, layer_attr=layer_attr)
@@ -151,28 +208,51 @@ class Session:
         self.model = model
         self.loader = loader
         self.workdir = Path(workdir) if workdir is not None else None
+        # Set by the daemon (docs/security.md): files a statement writes must stay under
+        # `write_root` (relative names, no links); `may_write` False refuses every write.
+        self.write_root: Path | None = None
+        self.may_write = True
         self.prompt: str | None = None
         self.variables: dict[str, ValuesResult] = {}
         self.steering: list[tuple[ast.Intervention, object, str | None]] = []
+        self.saes: dict[str, tuple] = {}  # full module name -> (SAE, its source, digest): `sae load`
+        self.tuned_lenses: dict[str, object] = {}  # directory -> TunedLens: `lens tuned DIR`
 
     # ---- running text ----
 
-    def execute(self, text: str, should_stop=None, on_progress=None, trace_cache=None) -> list:
+    def execute(self, text: str, should_stop=None, on_progress=None, trace_cache=None,
+                max_statements: int | None = None) -> list:
         """Run every statement of `text`; one result each. Raises the first QueryError met
-        (parse errors before anything runs); its `.results` holds what ran before it."""
-        parsed = parse(text)
+        (parse errors before anything runs); its `.results` holds what ran before it. A stop
+        asked for (`should_stop()`) is checked between statements: Interrupted, with `.results`."""
+        try:
+            parsed = parse(text)
+        except RecursionError:
+            error = QueryError("this text is nested too deeply to read: split long expressions into several "
+                               "`let` statements", Span(1, 1, 1, 2))
+            error.results = []
+            raise error from None
         if parsed.errors:
             error = parsed.errors[0]
+            error.results = []
+            raise error
+        if max_statements is not None and len(parsed.statements) > max_statements:
+            error = QueryError(f"this text has {len(parsed.statements):,} statements; one run takes at most "
+                               f"{max_statements:,} (split it)", parsed.statements[max_statements].span)
             error.results = []
             raise error
         run = Run(should_stop, on_progress, trace_cache)
         results = []
         for index, statement in enumerate(parsed.statements):
+            if should_stop is not None and index and should_stop():
+                stop = Interrupted(f"stopped after {index} of {len(parsed.statements)} statements")
+                stop.results = results
+                raise stop
             if on_progress is not None:
                 on_progress(f"{index + 1}/{len(parsed.statements)}: {statement.text}")
             try:
                 results.append(self.run_statement(statement, run))
-            except QueryError as error:
+            except (QueryError, Interrupted) as error:
                 error.results = results
                 raise
         return results
@@ -193,6 +273,9 @@ class Session:
             raise QueryError(module_message(error), statement.span, error.suggestions) from None
         except MlxterpError as error:
             raise QueryError(str(error), statement.span) from None
+        except RecursionError:
+            raise QueryError("this statement is nested too deeply to evaluate (e.g. an expression of very many "
+                             "terms): split it into several `let` statements", statement.span) from None
         except ValueError as error:  # MLX reports shapes that do not fit (an added vector, a replacement) so
             raise QueryError(f"the model run failed: {error}", statement.span) from None
 
@@ -219,6 +302,7 @@ class Session:
             raise QueryError(f"cannot tokenize this text: {error}", span) from None
         if not ids:
             raise QueryError("this text has no tokens (and the tokenizer adds no BOS)", span)
+        check_input_fits(model, len(ids), span)
         return text, ids, model.token_strings(ids)
 
     def expand(self, path: ast.Path) -> list[str]:
@@ -244,6 +328,12 @@ class Session:
         """The `mlxterp.interventions` function for one intervention, and its cache text
         (None when the run cannot be cached: noise without a seed)."""
         self.expand(node.target)  # an unknown module is an error here, with its span
+        if node.position is not None:  # `@ POSITION`: the same intervention, at those positions only
+            function, key = self.intervention_function(dataclasses.replace(node, position=None))
+            where = self.intervention_positions(node)
+            if where is not None:
+                function = iv.at_positions(function, where)
+            return function, (None if key is None else f"{key} @ {node.position_text}")
         key = node.canonical()
         try:
             if node.kind == "zero":
@@ -254,6 +344,8 @@ class Session:
                 return iv.clamp(node.numbers[0], node.numbers[1]), key
             if node.kind == "noise":
                 return iv.noise(node.numbers[0], seed=node.seed), (key if node.seed is not None else None)
+            if node.kind in ("ablate", "amplify", "inject"):
+                return self.feature_intervention(node)
             value = self.variable(node.var)
             if len(value.arrays) != 1:
                 raise QueryError(f"${node.var.name} holds {len(value.arrays)} arrays; {node.kind} takes one",
@@ -268,6 +360,22 @@ class Session:
             return iv.replace_with(mx.array(array)), key
         except MlxterpError as error:
             raise QueryError(str(error), node.span) from None
+
+    def intervention_positions(self, node: ast.Intervention):
+        """The positions of `TARGET KIND ... @ POSITION` for `iv.at_positions` (None: every one).
+        Numbers stay as written (`-1` is the last position of whatever input runs); token text
+        is found in the session's prompt."""
+        spec = selection.position_spec(node.position)
+        items = spec if isinstance(spec, list) else [spec]
+        if any(isinstance(item, str) for item in items):
+            if spec == positions_rules.ALL:
+                return None
+            if self.prompt is None:
+                raise QueryError("a position given as text is looked up in the prompt: set one with prompt "
+                                 "\"...\" first, or give the position as a number", node.position.span)
+            chosen, _ = selection.select(node.position, self.model.token_strings(self.model.encode(self.prompt)))
+            return chosen
+        return spec
 
     def check_vector(self, node: ast.Intervention, array) -> None:
         """`add $v` needs a vector as wide as each target's output; `replace $x` an array ending in
@@ -325,6 +433,7 @@ class Session:
                          should_stop=run.should_stop, keep="all" if key is not None else "saved") as tr:
             if key is not None:
                 found = {n: tr.save(n) for n in list(tr.activations)}
+                found.update({n: tr.save(n) for n in names if n not in found and n != OUTPUT})  # hook points
             else:
                 found = {n: tr.save(n) for n in names}
         missing = [self.label(n) for n in names if n not in found]
@@ -397,17 +506,42 @@ class Session:
         return result
 
     def output_path(self, file: ast.String) -> Path:
-        """Where a file named in a statement goes (relative to the workdir); parents are created."""
+        """Where a file named in a statement goes (relative to the workdir); parents are created.
+        Under the daemon, only inside the session's write root (mlxterp_repl.safe_files)."""
         if not file.value.strip():
             raise QueryError("the file name is empty", file.span)
-        path = Path(file.value).expanduser()
-        if not path.is_absolute() and self.workdir is not None:
-            path = self.workdir / path
+        if not self.may_write:
+            raise QueryError("this session cannot write files: a TCP client writes only under the directory the "
+                             "daemon was started with (mlxterp serve --write-root DIR)", file.span)
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
+            if self.write_root is not None:
+                path = safe_files.resolve_under(self.write_root, file.value)
+            else:
+                path = Path(file.value).expanduser()
+                if not path.is_absolute() and self.workdir is not None:
+                    path = self.workdir / path
+            safe_files.make_parents(path)
+        except safe_files.UnsafePath as error:
+            raise QueryError(str(error), file.span) from None
         except OSError as error:
             raise QueryError(f"cannot create the directory {path.parent}: {error.strerror or error}", file.span) from None
         return path
+
+    @contextlib.contextmanager
+    def writing(self, path: Path, overwrite: bool, span):
+        """`safe_files.replacing` with its refusals as query errors: yields a temporary file
+        renamed over `path` at the end, so a crash or a full disk never leaves a partial file."""
+        try:
+            with safe_files.replacing(path, overwrite=overwrite) as tmp:
+                yield tmp
+        except FileExistsError as error:
+            raise QueryError(error.strerror, span, ["overwrite"]) from None
+        except safe_files.UnsafePath as error:
+            raise QueryError(str(error), span) from None
+        except safe_files.DiskFull as error:
+            raise QueryError(error.strerror, span) from None
+        except OSError as error:
+            raise QueryError(f"cannot write {path}: {error.strerror or error}", span) from None
 
     def completion_context(self):
         """What `complete` needs to know about this session (no model run)."""
@@ -431,6 +565,7 @@ class Session:
         self.model = model
         self.prompt = None
         self.steering = []
+        self.saes, self.tuned_lenses = {}, {}
         return TextResult(f"loaded {model!r}", kind="load", fields={"model": model_summary(model)})
 
     def do_prompt(self, node: ast.Prompt, run: Run):
@@ -485,6 +620,34 @@ class Session:
         result = parts[0] if len(parts) == 1 else TokenPredictions.join(parts)
         return self.with_notes(result, run)
 
+    def do_generate(self, node: ast.Generate, run: Run):
+        from mlxterp.generate import generate
+
+        model = self.need_model(node)
+        text, ids, _ = self.resolve_input(node.input, node)
+        check_input_fits(model, len(ids) + node.count, node.span)
+        interventions, _ = self.interventions_in_force(run)
+        if run.should_stop is not None and run.should_stop():
+            raise Interrupted("stopped before generating")
+        streamed = []
+
+        def on_token(step):
+            streamed.append(step.text)
+            if run.on_progress is not None:
+                if step.step == 0:
+                    run.on_progress(out=text)
+                run.on_progress(out=step.text)
+                run.on_progress(f"generate: {step.step + 1}/{node.count} tokens", stage="generate",
+                                fraction=(step.step + 1) / node.count, text="".join(streamed))
+
+        result = generate(model, text, node.count, interventions=interventions or None, on_token=on_token,
+                          should_stop=run.should_stop, stop_at_eos=not node.ignore_eos)
+        if run.on_progress is not None and streamed:
+            run.on_progress(out="\n")
+        if result.interrupted:
+            raise Interrupted(f"stopped after {len(result.tokens)} of {node.count} tokens: {result.text!r}")
+        return self.with_notes(result, run)
+
     def do_lens(self, node: ast.Lens, run: Run):
         model = self.need_model(node)
         text, ids, tokens = self.resolve_input(node.input, node)
@@ -495,10 +658,13 @@ class Session:
             raise Interrupted("stopped before the logit lens ran")
         # The run `save` would use (served by the trace cache), decoded by the library's one lens.
         hidden = self.activations(ids, [model.names.layer_names[layer] for layer in shown], run, node.span)
+        tuned = {} if node.tuned is None else {"lens": "tuned", "translators": self.tuned_lens(node.tuned)}
         result = model.logit_lens(text, layers=shown, top_k=node.top or (5 if single else 1),
-                                  position=chosen[0] if single else chosen, hidden_states=hidden)
+                                  position=chosen[0] if single else chosen, hidden_states=hidden, **tuned)
+        if node.tuned is not None:
+            result.notes.append(f"tuned lens: {node.tuned.value}")
         if node.plot is not None:
-            self.plotting(lambda: result.save_plot(self.plot_path(node.plot)), node.plot)
+            result.plot = self.plotting(result.save_plot, node.plot, getattr(node, "overwrite", False))
         return self.with_notes(result, run)
 
     def do_patch(self, node: ast.Patch, run: Run):
@@ -528,7 +694,7 @@ class Session:
         except MlxterpError as error:
             raise QueryError(str(error), node.clean.span.to(node.corrupt.span)) from None
         if node.plot is not None:
-            self.plotting(lambda: result.save_plot(self.plot_path(node.plot)), node.plot)
+            result.plot = self.plotting(result.save_plot, node.plot, getattr(node, "overwrite", False))
         return self.with_notes(result, run)
 
     def patch_positions(self, node, clean_tokens: list[str], corrupt_tokens: list[str]) -> list[int]:
@@ -552,6 +718,137 @@ class Session:
         from mlxterp.analysis import answer_warning
 
         return [w for w in (answer_warning(self.model, a.value) for a in answers) if w]
+
+    # ---- tuned lens, SAEs, attention heads, causal tracing (docs/tuned-lens.md, sae.md, heads.md,
+    # causal-tracing.md): one library call each ----
+
+    def input_path(self, string: ast.String) -> str:
+        """A directory a statement reads (relative to the workdir); `demo` names the bundled one."""
+        if string.value == "demo":
+            return "demo"
+        path = Path(string.value).expanduser()
+        if not path.is_absolute() and self.workdir is not None:
+            path = self.workdir / path
+        return str(path)
+
+    def tuned_lens(self, directory: ast.String):
+        """The tuned lens saved in `directory`, loaded once per session (`lens tuned DIR`)."""
+        from mlxterp.tuned_lens import load_tuned_lens
+
+        path = self.input_path(directory)
+        if path not in self.tuned_lenses:
+            try:
+                lens = load_tuned_lens(path)
+                lens.check_model(self.model)
+            except (MlxterpError, OSError, ValueError) as error:
+                raise QueryError(str(error), directory.span, ["demo"]) from None
+            self.tuned_lenses[path] = lens
+        return self.tuned_lenses[path]
+
+    def sae_for(self, path: ast.Path):
+        """(full module name, the SAE loaded for it with `sae load`) of a path naming one module."""
+        names = self.expand(path)
+        if len(names) != 1:
+            raise QueryError(f"{path.text} names {len(names)} modules; an SAE reads one", path.span)
+        if names[0] not in self.saes:
+            loaded = [self.label(n) for n in self.saes]
+            listing = ("SAEs are loaded for: " + ", ".join(loaded)) if loaded else "no SAE is loaded"
+            raise QueryError(f"no SAE is loaded for {self.label(names[0])} ({listing}); load one with: "
+                             "sae load DIR", path.span, loaded or ["sae load demo"])
+        return names[0], self.saes[names[0]][0]
+
+    def feature_intervention(self, node: ast.Intervention):
+        """`ablate F`, `amplify F K`, `inject F A`: the intervention of feature F of the target's SAE
+        (`sae.ablate`, `sae.scale`, `sae.steer`) and its cache text (which names the SAE's weights)."""
+        full, sae = self.sae_for(node.target)
+        feature = node.numbers[0]
+        if not float(feature).is_integer():
+            raise QueryError(f"a feature is a whole number from 0 to {sae.n_features - 1}, not {feature:g}", node.span)
+        feature = int(feature)
+        if node.kind == "ablate":
+            function = sae.ablate(feature)
+        elif node.kind == "amplify":
+            function = sae.scale(feature, node.numbers[1])
+        else:
+            function = sae.steer(feature, node.numbers[1])
+        return function, f"{node.canonical()} #sae:{self.saes[full][2]}"
+
+    def do_sae(self, node: ast.Sae, run: Run):
+        model = self.need_model(node)
+        if node.source is not None:
+            from mlxterp.sae import load_sae
+
+            try:
+                sae = load_sae(self.input_path(node.source))
+                if not sae.module:
+                    raise MlxterpError("this SAE does not say which module it reads (its config.json has no "
+                                       "module); set sae.module and save it again")
+                full = model.resolve(sae.module)
+            except (MlxterpError, OSError, ValueError) as error:
+                raise QueryError(str(error), node.source.span, ["demo"]) from None
+            width = self.output_width(full)
+            if width is not None and width != sae.d_model:
+                raise QueryError(f"this SAE reads activations of width {sae.d_model}; {self.label(full)} outputs "
+                                 f"width {width}", node.source.span)
+            digest = hashlib.sha1(np.asarray(sae.W_dec).tobytes() + np.asarray(sae.b_enc).tobytes()).hexdigest()[:16]
+            self.saes[full] = (sae, node.source.value, digest)
+        rows = [[self.label(full), sae.kind, sae.n_features, sae.k if sae.kind != "relu" else "-", source]
+                for full, (sae, source, _) in self.saes.items()]
+        title = f"loaded an SAE for {rows[-1][0]}" if node.source is not None else "SAEs loaded"
+        return TableResult(["module", "kind", "features", "k", "from"], rows, kind="sae", title=title)
+
+    def do_features(self, node: ast.Features, run: Run):
+        from mlxterp.sae import active_features
+
+        model = self.need_model(node)
+        _, sae = self.sae_for(node.target)
+        text, ids, tokens = self.resolve_input(node.input, node)
+        if node.position is None:
+            position = len(ids) - 1
+        else:
+            chosen, single = self.positions(node.position, tokens)
+            if not single:
+                raise QueryError("features reads one position, like @ -1 or @ \"France\"", node.position.span,
+                                 ["-1"])
+            position = chosen[0]
+        if run.should_stop is not None and run.should_stop():
+            raise Interrupted("stopped before the SAE features were read")
+        interventions, _ = self.interventions_in_force(run)
+        result = active_features(model, sae, ids, position=position, top=node.top or 10,
+                                 interventions=interventions or None)
+        return self.with_notes(result, run)
+
+    def do_heads(self, node: ast.Heads, run: Run):
+        from mlxterp.heads import head_scores
+
+        model = self.need_model(node)
+        text = self.resolve_input(node.input, node)[0] if node.input is not None else None
+        result = head_scores(model, node.kind.value if node.kind else None, text=text,
+                             layers=self.layer_indices(node.layers))
+        if node.plot is not None:
+            result.plot = self.plotting(result.save_plot, node.plot, node.overwrite)
+        if self.steering:
+            result.notes.append("head scores are measured without the steering in force")
+        return result
+
+    def do_causal(self, node: ast.Causal, run: Run):
+        from mlxterp.causal_tracing import causal_trace
+        from mlxterp.errors import PositionError
+
+        model = self.need_model(node)
+        text, _, _ = self.resolve_input(node.input, node)
+        answer = self.answer_id(node.answer) if node.answer is not None else None
+        try:
+            result = causal_trace(model, text, node.subject.value, answer, layers=self.layer_indices(node.layers),
+                                  should_stop=run.should_stop)
+        except PositionError as error:
+            raise QueryError(str(error), node.subject.span, error.suggestions or error.valid) from None
+        result.notes.extend(self.answer_warnings([node.answer] if node.answer is not None else []))
+        if node.plot is not None:
+            result.plot = self.plotting(result.save_plot, node.plot, node.overwrite)
+        if self.steering:
+            result.notes.append("causal tracing runs without the steering in force")
+        return result
 
     def do_with(self, node: ast.With, run: Run):
         self.need_model(node)
@@ -612,14 +909,15 @@ class Session:
             key = label if label not in named else f"{label}_{len(named)}"
             named[key] = np.asarray(array, order="C")  # (np.ascontiguousarray would make a 0-d array 1-d)
         try:
-            if suffix == ".npz":
-                np.savez(path, **named)
-            else:
-                from safetensors.numpy import save_file
+            with self.writing(path, getattr(node, "overwrite", False), node.file.span) as tmp:
+                if suffix == ".npz":
+                    np.savez(tmp, **named)
+                else:
+                    from safetensors.numpy import save_file
 
-                save_file(named, str(path))
-        except OSError as error:
-            raise QueryError(f"cannot write {path}: {error.strerror or error}", node.file.span) from None
+                    save_file(named, str(tmp))
+        except (ValueError, TypeError) as error:
+            raise QueryError(f"cannot write {path}: {error}", node.file.span) from None
         rows = [[key, str(tuple(a.shape)), str(a.dtype)] for key, a in named.items()]
         return TableResult(["array", "shape", "dtype"], rows, kind="export", title=f"wrote {path}",
                            fields={"file": str(path), "bytes": path.stat().st_size})
@@ -657,15 +955,28 @@ class Session:
     def layer_indices(self, layers: ast.Layers | None) -> list[int] | None:
         return selection.layers(layers, self.model.n_layers)
 
+    PLOT_FORMATS = (".png", ".svg", ".pdf")
+
     def plot_path(self, plot: ast.Plot) -> str | None:
         """The file of `plot to FILE` (relative to the workdir), or None for the default."""
         if not plot.file:
             return None
-        return str(self.output_path(ast.String(span=plot.span, value=plot.file)))
+        path = self.output_path(ast.String(span=plot.span, value=plot.file))
+        if path.suffix.lower() not in self.PLOT_FORMATS:
+            raise QueryError(f"a plot is written as .png, .svg or .pdf, not {path.suffix or 'a file without suffix'}",
+                             plot.span, [path.stem + s for s in self.PLOT_FORMATS])
+        return str(path)
 
-    def plotting(self, draw, plot: ast.Plot) -> str:
+    def plotting(self, draw, plot: ast.Plot, overwrite: bool = False) -> str:
+        """`draw(path)` writes the plot: into a temporary file renamed over `plot to FILE`
+        (see `writing`), or to the library's default place."""
         try:
-            return draw()
+            target = self.plot_path(plot)
+            if target is None:
+                return draw(None)
+            with self.writing(Path(target), overwrite, plot.span) as tmp:
+                draw(str(tmp))
+            return target
         except MlxterpError as error:
             raise QueryError(str(error), plot.span) from None
         except OSError as error:

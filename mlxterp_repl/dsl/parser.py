@@ -49,6 +49,7 @@ class Parser:
         # notes of what would be accepted at the end of the text: (kind, payload)
         self.expected: list[tuple[str, object]] = []
         self.depth = 0  # nesting of let expressions, bounded so deep input cannot overflow the stack
+        self.in_with = False  # reading the interventions of a `with` (its `:` ends an intervention's position)
 
     # ---- token helpers ----
 
@@ -177,9 +178,12 @@ class Parser:
     def argument_string(self):
         return self.string("the text in double quotes")
 
+    def argument_count(self):
+        return self.integer("the number of tokens, a whole number like 20", minimum=1)
+
     def argument_optional_string(self):
-        if self.at_line_end():
-            return None
+        if self.at_line_end() or (self.peek().kind == "NAME" and self.peek().value in OPTIONS):
+            return None  # nothing, then options (`causal subject "France"`): the current prompt
         return self.string("a text in double quotes (or nothing: the current prompt)")
 
     # ---- statements of a special shape (Statement.parser) and checks (Statement.check) ----
@@ -210,8 +214,36 @@ class Parser:
         if isinstance(node.source, ast.Var) and (node.position or node.input):
             self.fail("'@' and 'in' apply to a module path, not to a saved $name", token=first)
 
+    def statement_sae(self, first):
+        self.note("keyword", ["load"])
+        if self.at_line_end():
+            return ast.Sae(span=first.span)
+        self.expect_word("load")
+        source = self.string_or_word("an SAE's directory (or demo, the one bundled for the demo model)")
+        return ast.Sae(span=first.span, source=source)
+
+    def statement_heads(self, first):
+        spec = STATEMENTS["heads"]
+        kinds = list(spec.keywords)
+        self.note("keyword", kinds)
+        kind = None
+        token = self.peek()
+        if token.kind == "NAME" and token.value not in spec.options:
+            if token.value not in kinds:
+                self.fail(f"unknown head kind '{token.value}'; kinds are: " + ", ".join(kinds),
+                          closest(token.value, kinds) or kinds)
+            self.advance()
+            kind = ast.String(span=token.span, value=token.value)
+        node = ast.Heads(span=first.span, kind=kind)
+        self.options(node, spec)
+        return node
+
     def statement_with(self, first):
-        interventions = self.interventions()
+        self.in_with = True
+        try:
+            interventions = self.interventions()
+        finally:
+            self.in_with = False
         self.note("keyword", [":", ","])
         self.expect("COLON", "',' and another intervention, or ':' and the query to run", [",", ":"])
         body = self.statement(allowed=WITH_BODIES)
@@ -290,7 +322,12 @@ class Parser:
         return ast.String(span=name.span, value=name.value)
 
     def option_file(self, option, token):
+        if option.keyword == "tuned":
+            return self.string_or_word("a tuned lens's directory (or demo, the one bundled for the demo model)")
         return self.string_or_word("a file name ending in .npz or .safetensors")
+
+    def option_flag(self, option, token):
+        return True
 
     def option_answers(self, option, token):
         return [self.string(f'the {which} answer in double quotes, as in: answers " Paris" " London"')
@@ -346,10 +383,12 @@ class Parser:
         self.advance()
         return sign * token.value, first.span.to(token.span)
 
-    def integer(self, what: str, minimum: int | None = None) -> int:
+    def integer(self, what: str, minimum: int | None = None, maximum: int | None = None) -> int:
         value, span = self.signed_number(what, integer=True)
         if minimum is not None and value < minimum:
             raise QueryError(f"{what} must be at least {minimum}", span)
+        if maximum is not None and value > maximum:
+            raise QueryError(f"{what} must be at most {maximum:,}, got {value}", span)
         return value
 
     def var(self, new: bool = False) -> ast.Var:
@@ -378,6 +417,8 @@ class Parser:
         token = self.peek()
         if token.kind == "NAME":
             self.advance()
+            if token.value == "head" and self.peek().kind == "LBRACK" and not self.peek().space_before:
+                return "head" + self.head_selection()
             return token.value
         if token.kind in ("STAR", "NUMBER", "MINUS", "LBRACK"):
             return self.layer_segment()
@@ -403,6 +444,24 @@ class Parser:
             self.advance()
             return f"{start}..{self.integer('the last layer of the range')}"
         return str(start)
+
+    def head_selection(self) -> str:
+        """`[3]` · `[1,3]` · `[0..3]` · `[*]` after `head` (a hook point's heads: `layers.8.attn.z.head[3]`)."""
+        self.expect("LBRACK", "'[' after head")
+        if self.peek().kind == "STAR":
+            self.advance()
+            text = "*"
+        else:
+            items = [str(self.integer("a head index"))]
+            if self.peek().kind == "DOTDOT":
+                self.advance()
+                items[0] += ".." + str(self.integer("the last head of the range"))
+            while self.peek().kind == "COMMA":
+                self.advance()
+                items.append(str(self.integer("a head index")))
+            text = ",".join(items)
+        self.expect("RBRACK", "']' to close the head selection, as in head[3], head[1,3], head[0..3], head[*]")
+        return f"[{text}]"
 
     def position(self):
         """`-1` · `3` · `"France"` · `2:5` · `[0, -1]` · `*`."""
@@ -485,15 +544,31 @@ class Parser:
                 self.intervention_argument(node, reads, what)
             elif keyword.isidentifier():
                 self.note("keyword", [keyword])
+        self.note("keyword", ["@"])
+        if self.peek().kind == "AT":
+            self.intervention_position(node)
         node.span = self.span_from_token_span(target.span)
         return node
+
+    def intervention_position(self, node: ast.Intervention) -> None:
+        """`@ POSITION` after an intervention: it applies at those positions only. In `with`, the
+        `:` before the query ends the position (`@ -1: lens` is position -1, not the slice `-1:`)."""
+        self.advance()
+        first = self.peek()
+        position = self.position()
+        if (self.in_with and isinstance(position, ast.Slice) and position.stop is None
+                and self.previous().kind == "COLON" and self.peek().kind != "COLON"):
+            self.pos -= 1
+            position = ast.Index(span=self.span_from(first), value=position.start)
+        node.position = position
+        node.position_text = self.source[first.start:self.previous().end].replace(" ", "")
 
     def intervention_argument(self, node: ast.Intervention, reads: str, what: str) -> None:
         """One argument of an intervention (Intervention.arguments and .tail)."""
         if reads == "number":
             node.numbers.append(float(self.signed_number(what)[0]))
         elif reads == "integer":
-            node.seed = self.integer(what)
+            node.seed = self.integer(what, minimum=0, maximum=2**64 - 1)  # (what MLX's random key takes)
         else:
             node.var = self.var()
 
