@@ -20,6 +20,7 @@ WITH_OPENBLAS := $(if $(OPENBLAS),LD_PRELOAD="$(OPENBLAS)",)
 demo: $(STAMP)
 	$(VENV)/bin/mlxterp run examples/tour.mlxq
 	$(VENV)/bin/mlxterp status
+	@echo "The daemon keeps the demo model loaded for the next run; \`$(VENV)/bin/mlxterp stop\` stops it."
 
 test: $(STAMP)
 	$(WITH_OPENBLAS) $(VENV)/bin/python -m pytest

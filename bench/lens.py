@@ -21,12 +21,11 @@ from mlxterp_repl.blas import reexec_with_openblas  # noqa: E402
 reexec_with_openblas()  # before mlx loads: MLX's bundled reference BLAS is ~5x slower
 
 import argparse  # noqa: E402
-import statistics  # noqa: E402
-import time  # noqa: E402
 
 import mlx.core as mx  # noqa: E402
 
 import models  # noqa: E402
+from timing import measure  # noqa: E402
 from mlxterp.analysis import logit_lens  # noqa: E402
 
 
@@ -49,25 +48,11 @@ def main():
         "plain forward": lambda: mx.eval(model.model(ids)),
         "logit lens, all layers, 1 position": lambda: logit_lens(model, text, position=-1, top_k=5),
     }
-    for fn in runs.values():
-        fn()
-    times = {name: [] for name in runs}
-    peaks = {name: 0.0 for name in runs}
-    for _ in range(opts.repeats):
-        for name, fn in runs.items():
-            mx.synchronize()
-            mx.reset_peak_memory()
-            start = time.perf_counter()
-            fn()
-            mx.synchronize()
-            times[name].append(time.perf_counter() - start)
-            peaks[name] = max(peaks[name], mx.get_peak_memory() / 2**20)
-    forward = statistics.median(times["plain forward"])
+    results = measure(runs, opts.repeats, warmup=1)
+    forward, forward_peak = results["plain forward"]
     print(f"{'run':<38}{'ms':>10}{'x forward':>11}{'peak MiB':>10}{'x forward':>11}")
-    for name in runs:
-        seconds = statistics.median(times[name])
-        print(f"{name:<38}{seconds * 1e3:>10.1f}{seconds / forward:>11.2f}{peaks[name]:>10.0f}"
-              f"{peaks[name] / peaks['plain forward']:>11.2f}")
+    for name, (seconds, peak) in results.items():
+        print(f"{name:<38}{seconds * 1e3:>10.1f}{seconds / forward:>11.2f}{peak:>10.0f}{peak / forward_peak:>11.2f}")
     print("target: the lens <= 1.50x one forward pass in time and in memory")
 
 

@@ -14,28 +14,15 @@ from mlxterp_repl.blas import blas_in_use, reexec_with_openblas
 reexec_with_openblas()  # before mlx loads: MLX's bundled reference BLAS is ~5x slower
 
 import argparse
-import importlib.util
 import os
-import random
-import resource
 import tempfile
 import time
 from pathlib import Path
 
 from mlxterp import InterpretableModel
 from mlxterp.sae import evaluate_sae, train_sae
-from mlxterp.training import collect_tokens
-
-SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "train_demo_model.py"
-
-
-def demo_sentences():
-    spec = importlib.util.spec_from_file_location("train_demo_model", SCRIPT)
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
-    texts = sorted({text for text, _ in script.build_corpus(random.Random(0))})
-    random.Random(0).shuffle(texts)
-    return texts
+from mlxterp.training import collect_tokens, demo_texts
+from timing import cpu_seconds
 
 
 def main():
@@ -44,7 +31,7 @@ def main():
     parser.add_argument("--batch-size", type=int, default=1024)
     options = parser.parse_args()
     model = InterpretableModel("demo")
-    texts = demo_sentences()
+    texts = demo_texts()
     train, held_out = texts[:-200], texts[-200:]
     print(f"BLAS: {blas_in_use()}, load average {os.getloadavg()[0]:.1f}")
     with tempfile.TemporaryDirectory() as tmp:
@@ -70,11 +57,6 @@ def main():
             print(f"{kind:<10} {options.steps:>6} {options.batch_size:>6} {seconds:>8.1f} {tokens / seconds:>10,.0f} "
                   f"{tokens / cpu:>12,.0f} {metrics.explained_variance:>10.4f} {metrics.l0:>6.1f} "
                   f"{metrics.dead_features:>5}")
-
-
-def cpu_seconds() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
 
 
 if __name__ == "__main__":

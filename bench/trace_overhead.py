@@ -23,13 +23,12 @@ bfloat16 matmuls are several times slower than float32 (``--dtype float32``).
 
 import argparse
 import inspect
-import statistics
-import time
 
 import mlx.core as mx
 from mlx_lm.models import llama
 
 from mlxterp import InterpretableModel
+from timing import measure
 
 # name: (layers, hidden, heads, kv heads, mlp, vocab, tied, batch, tokens, dtype)
 SHAPES = {
@@ -51,25 +50,6 @@ def build(layers, hidden, heads, kv_heads, mlp, vocab, tied, dtype):
     model.set_dtype(getattr(mx, dtype))  # before the first eval: float32 weights are never materialised
     mx.eval(model.parameters())
     return model
-
-
-def measure(runs, repeats, warmup):
-    """Median seconds and peak MiB of each run, interleaved so machine noise hits all alike."""
-    times = {name: [] for name in runs}
-    peaks = {name: 0.0 for name in runs}
-    for _ in range(warmup):
-        for fn in runs.values():
-            fn()
-    for _ in range(repeats):
-        for name, fn in runs.items():
-            mx.synchronize()
-            mx.reset_peak_memory()
-            start = time.perf_counter()
-            fn()
-            mx.synchronize()
-            times[name].append(time.perf_counter() - start)
-            peaks[name] = max(peaks[name], mx.get_peak_memory() / 2**20)
-    return {name: (statistics.median(t), peaks[name]) for name, t in times.items()}
 
 
 def main():

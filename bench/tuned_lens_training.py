@@ -14,7 +14,6 @@ reexec_with_openblas()  # before mlx loads: MLX's bundled reference BLAS is ~5x 
 
 import argparse
 import os
-import resource
 import tempfile
 import time
 from pathlib import Path
@@ -22,14 +21,9 @@ from pathlib import Path
 import mlx.core as mx
 
 from mlxterp import InterpretableModel
-from mlxterp.training import collect_tokens
+from mlxterp.training import collect_tokens, demo_texts
 from mlxterp.tuned_lens import compare_lenses, train_tuned_lens
-from sae_training import demo_sentences
-
-
-def cpu_seconds() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
+from timing import cpu_seconds
 
 
 def main():
@@ -38,7 +32,7 @@ def main():
     parser.add_argument("--batch-size", type=int, default=256)
     options = parser.parse_args()
     model = InterpretableModel("demo")
-    texts = demo_sentences()
+    texts = demo_texts()
     train, held_out = texts[:-200], texts[-200:]
     print(f"device: {mx.default_device()}, BLAS: {blas_in_use()}, load average {os.getloadavg()[0]:.1f}")
     with tempfile.TemporaryDirectory() as tmp:

@@ -195,6 +195,7 @@ class ShardWriter:
         self.run = run or {"n_prompts": n_prompts}
         self.group = group
         self.keys: dict = {}
+        self.key_order: List[str] = []  # as the caller asked (safetensors files do not keep an order)
         run_file = self.directory / "run.json"
         if self.directory.exists() and any(self.directory.glob("shard-*.safetensors")):
             if not run_file.exists():
@@ -230,6 +231,7 @@ class ShardWriter:
         n = next(iter(arrays.values())).shape[0]
         number = len(list(self.directory.glob("shard-*.safetensors"))) if number is None else number
         tensors = dict(arrays)
+        self.key_order = self.key_order or list(arrays)
         tensors[SHARD_INDEX] = mx.arange(first_index, first_index + n, dtype=mx.int64)
         aside = self.directory / f".writing-{number:05d}.safetensors"
         try:
@@ -248,7 +250,9 @@ class ShardWriter:
         distributed.barrier(self.group)
         if self.group is None or self.group.rank() == 0:
             arrays = mx.load(str(self.path(0)))
-            keys = {k: {"shape": list(v.shape[1:]), "dtype": str(v.dtype)} for k, v in arrays.items() if k != SHARD_INDEX}
+            names = [k for k in self.key_order if k in arrays] + sorted(k for k in arrays if k not in self.key_order)
+            keys = {k: {"shape": list(arrays[k].shape[1:]), "dtype": str(arrays[k].dtype)}
+                    for k in names if k != SHARD_INDEX}
             shards = [{"file": self.path(k).name, "first": first, "count": count}
                       for k, (first, count) in enumerate(windows)]
             meta = {"n_prompts": self.n_prompts, "keys": keys, "shards": shards,

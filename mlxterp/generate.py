@@ -185,7 +185,11 @@ def generate(model, prompt, max_tokens: int = 20, interventions=None, capture=No
     ``on_token(step)`` is called as each token is chosen; ``should_stop()`` is asked between
     steps and ends the generation early (``result.interrupted``).
     """
-    prompt_text = prompt if isinstance(prompt, str) else model.decode(_prompt_ids(model, prompt))
+    if isinstance(prompt, str):
+        prompt_text = prompt
+    else:
+        ids = _prompt_ids(model, prompt)
+        prompt_text = model.decode(ids) if model.tokenizer is not None else " ".join(map(str, ids))
     step_list = None if steps is None else sorted({_step(s) for s in _as_iterable(steps)})
     tokens, texts, activations = [], [], {}
     interrupted = False

@@ -30,7 +30,7 @@ from typing import Callable, Optional
 
 import mlx.core as mx
 
-from .core.paths import HEAD_HOOKS, INPUT, LAYER_HOOKS
+from .core.paths import HEAD_HOOKS, INPUT
 from .errors import MlxterpError, TraceError
 
 
@@ -112,7 +112,7 @@ def table_entries(table, modules: dict, architecture: Optional[str] = None) -> t
     else:
         notes.append(f"the {arch} architecture's blocks are not in mlxterp.hooks.BLOCKS "
                      f"(no module outputs exactly what its attention or MLP adds)")
-    attentions = [table._attention_of(layer) for layer in table.layer_names]
+    attentions = [table.attention_of(layer) for layer in table.layer_names]
     try:
         if any(a is None for a in attentions):
             raise MlxterpError(f"not every layer of {arch} has an attention module")
@@ -120,7 +120,7 @@ def table_entries(table, modules: dict, architecture: Optional[str] = None) -> t
             attention.check_supported(modules[name])
         n_heads = attention.head_counts(modules[attentions[0]])[0]
         hooks += ["attn." + hook for hook in HEAD_HOOKS]
-    except (MlxterpError, StopIteration):
+    except Exception:  # noqa: BLE001 -- an attention we cannot read per head must not stop the model loading
         notes.append(f"per-head q, k, v, z and pattern need an attention mlxterp.attention recomputes exactly, "
                      f"which {arch}'s is not")
     return hooks, n_heads, "; ".join(notes)
@@ -264,13 +264,13 @@ def _select_heads(value: mx.array, p: Point, axis: int) -> mx.array:
 
 # -- intervening ---------------------------------------------------------------------------
 
-def route(model, interventions: dict) -> tuple[dict, dict, set]:
+def route(model, interventions: dict) -> tuple[dict, dict]:
     """Split ``{full name: fn}`` (modules and hook points) into interventions on module outputs
-    and on module inputs, ``({module: fn}, {module: fn}, modules to record)``; several on one
-    module chain in order. (An intervention on resid_mid reads the block's input: the block is recorded.)"""
+    and on module inputs, ``({module: fn}, {module: fn})``; several on one module chain in order.
+    The modules of both must be recorded (an intervention on resid_mid reads its block's input,
+    so the block is among the inputs, unchanged)."""
     outputs: dict[str, list] = {}
     inputs: dict[str, list] = {}
-    record = set()
     for full, change in interventions.items():
         p = point(model, full)
         if p is None:
@@ -279,8 +279,12 @@ def route(model, interventions: dict) -> tuple[dict, dict, set]:
         target, what, function = _hook_intervention(model, p, change)
         (inputs if what == "input" else outputs).setdefault(target, []).append(function)
         if p.hook == "resid_mid":
-            record.add(p.module)
-    return {n: _chain(fs) for n, fs in outputs.items()}, {n: _chain(fs) for n, fs in inputs.items()}, record
+            inputs.setdefault(p.module, []).insert(0, _unchanged)
+    return {n: _chain(fs) for n, fs in outputs.items()}, {n: _chain(fs) for n, fs in inputs.items()}
+
+
+def _unchanged(activation: mx.array) -> mx.array:
+    return activation
 
 
 def _chain(functions: list) -> Callable:

@@ -37,12 +37,15 @@ class FieldResult(Result):
         return cls(**{f.name: data[f.name] for f in dataclasses.fields(cls) if f.name in data})
 
     def body(self):
+        from rich.console import Group
         from rich.table import Table
+        from rich.text import Text
 
-        table = Table(*self.columns, title=self.short(), title_justify="left")
+        # the heading as a line of its own: a table's title wraps at the (often narrow) table's width
+        table = Table(*self.columns)
         for row in self.rows():
             table.add_row(*(number(c) if isinstance(c, float) else str(c) for c in row))
-        return table
+        return Group(Text(self.short(), style="italic"), table)
 
     def table(self):
         return self.short(), list(self.columns), [list(r) for r in self.rows()]

@@ -266,6 +266,28 @@ class InterpretableModel(TokenizerHelpers):
         from . import generate
         return generate.stream_generate(self, prompt, max_tokens, **options)
 
+    # -- heads and components (mlxterp.attribution) --------------------------------------
+    def direct_logit_attribution(self, text, answer=None, wrong=None, position: int = -1, **options):
+        """What the embedding, each layer's attention and MLP, and each head add to the logit of ``answer``
+        (minus ``wrong``'s) at ``position``: a ``LogitAttribution``."""
+        from . import attribution
+        return attribution.direct_logit_attribution(self, text, answer, wrong, position=position, **options)
+
+    def head_patching(self, clean_text, corrupted_text, **options):
+        """Activation patching of each head's z, per layer and head (and position): a ``HeadPatching``."""
+        from . import attribution
+        return attribution.head_patching(self, clean_text, corrupted_text, **options)
+
+    def attribution_patching(self, clean_text, corrupted_text, answers, **options):
+        """The gradient approximation of activation patching for every layer, component, position and head."""
+        from . import attribution
+        return attribution.attribution_patching(self, clean_text, corrupted_text, answers, **options)
+
+    def head_attention(self, text, layer: int, heads=None):
+        """The attention pattern of ``heads`` of ``layer``: a compact heatmap in a terminal, ``save_plot()`` a PNG."""
+        from . import attribution
+        return attribution.head_attention(self, text, layer, heads)
+
     def __repr__(self) -> str:
         n_params = sum(p.size for p in self.parameters().values())
         hidden = self.hidden_size

@@ -29,10 +29,20 @@ def _output_path(save_path: Optional[str], stem: str) -> str:
         path = os.fspath(save_path)
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         return path
-    directory = os.path.join(tempfile.gettempdir(), "mlxterp-plots")
-    os.makedirs(directory, exist_ok=True)
+    # The user's cache, not a shared predictable place under /tmp (docs/security.md).
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    directory = os.path.join(cache, "mlxterp", "plots")
+    os.makedirs(directory, mode=0o700, exist_ok=True)
     handle, path = tempfile.mkstemp(prefix=f"{stem}-", suffix=".png", dir=directory)
     os.close(handle)
+    return path
+
+
+def _save(figure, save_path: Optional[str], stem: str) -> str:
+    """Lay out ``figure`` and write it as a PNG to ``save_path`` (or a new file named after ``stem``)."""
+    figure.tight_layout()
+    path = _output_path(save_path, stem)
+    figure.savefig(path, dpi=100)
     return path
 
 
@@ -71,10 +81,7 @@ def plot_logit_lens(results: Dict[int, List[list]], input_tokens: List[str], max
     axes.set_xlabel("Input token (prediction after seeing up to it)")
     axes.set_ylabel("Layer")
     axes.set_title("Logit lens: top prediction per layer and position")
-    figure.tight_layout()
-    path = _output_path(save_path, "logit-lens")
-    figure.savefig(path, dpi=100)
-    return path
+    return _save(figure, save_path, "logit-lens")
 
 
 def plot_patching(results: Dict[int, object], title: str = "Activation patching",
@@ -108,7 +115,50 @@ def plot_patching(results: Dict[int, object], title: str = "Activation patching"
         axes.set_xlabel("Layer")
         axes.set_ylabel("Recovery %")
     axes.set_title(title)
-    figure.tight_layout()
-    path = _output_path(save_path, "patching")
-    figure.savefig(path, dpi=100)
-    return path
+    return _save(figure, save_path, "patching")
+
+
+def plot_head_grid(values, layers: List[int], title: str, label: str, save_path: Optional[str] = None,
+                   stem: str = "heads", limit: Optional[float] = None) -> str:
+    """Heatmap of one value per (layer, head), e.g. direct logit attribution or head patching."""
+    import numpy as np
+
+    values = np.asarray(values, dtype=float)
+    bound = limit if limit is not None else float(np.nanmax(np.abs(values))) if values.size else 1.0
+    figure = _figure((max(6, values.shape[1] * 0.5 + 3), max(4, len(layers) * 0.35 + 2)))
+    axes = figure.add_subplot(1, 1, 1)
+    image = axes.imshow(values, aspect="auto", cmap="RdBu", origin="lower", vmin=-bound, vmax=bound,
+                        interpolation="nearest")
+    figure.colorbar(image, ax=axes, label=label)
+    axes.set_xticks(range(values.shape[1]))
+    axes.set_xlabel("Head")
+    axes.set_yticks(range(len(layers)))
+    axes.set_yticklabels([str(layer) for layer in layers])
+    axes.set_ylabel("Layer")
+    axes.set_title(title)
+    return _save(figure, save_path, stem)
+
+
+def plot_head_attention(patterns, heads: List[int], layer: int, tokens: List[str],
+                        save_path: Optional[str] = None) -> str:
+    """One query x key heatmap of attention probabilities per head of ``layer``."""
+    import math
+
+    count = len(heads)
+    columns = min(count, 4)
+    rows = math.ceil(count / columns)
+    side = max(3.0, min(8.0, len(tokens) * 0.3 + 2)) if tokens else 4.0
+    figure = _figure((side * columns, side * rows))
+    labels = [_label(t) for t in tokens]
+    for index, head in enumerate(heads):
+        axes = figure.add_subplot(rows, columns, index + 1)
+        axes.imshow(patterns[index], cmap="Blues", vmin=0, vmax=1, interpolation="nearest")
+        axes.set_title(f"Layer {layer} head {head}")
+        if labels and len(labels) <= 40:
+            axes.set_xticks(range(len(labels)))
+            axes.set_xticklabels(labels, rotation=90, fontsize=7)
+            axes.set_yticks(range(len(labels)))
+            axes.set_yticklabels(labels, fontsize=7)
+        axes.set_xlabel("Key")
+        axes.set_ylabel("Query")
+    return _save(figure, save_path, "head-attention")

@@ -23,7 +23,7 @@ from collections.abc import Mapping
 import mlx.core as mx
 import numpy as np
 
-from .errors import InputError, Interrupted, TraceError
+from .errors import InputError, Interrupted, MlxterpError, TraceError
 from . import hooks
 from .interventions import uncalled_factory
 from .naming import OUTPUT
@@ -368,6 +368,12 @@ class Activations(Mapping):
             full = store.model.resolve(name)
         except Exception:
             return False
+        if full not in store.model.names.modules and full != OUTPUT and hooks.point(store.model, full) is not None:
+            try:  # a hook point: here when the values it is read from are
+                store.read(full)
+            except MlxterpError:
+                return False
+            return True
         if store.record_all is not None and full not in store.outputs and full in store.model.names.modules:
             store.complete()
         # Pipeline-sharded: a module another process ran is here once shared (see _Store.read).
@@ -438,9 +444,10 @@ class Trace:
                     interventions[full] = lambda a, f=first, g=change: g(f(a))
                 else:
                     interventions[full] = change
-        input_interventions, hook_modules = {}, set()
+        input_interventions = {}
         if interventions:  # hook points become interventions on module outputs and inputs (mlxterp.hooks)
-            interventions, input_interventions, hook_modules = hooks.route(model, interventions)        # A plain trace records the blocks first; the first read of anything else in the block
+            interventions, input_interventions = hooks.route(model, interventions)
+        # A plain trace records the blocks first; the first read of anything else in the block
         # runs the pass again recording everything (exact: with no interventions and no
         # should_stop the pass is deterministic; values already read are kept as they are).
         lean = (self.capture is None and self.keep != "all" and not interventions and not input_interventions
@@ -454,7 +461,7 @@ class Trace:
             patterns = [self.capture] if isinstance(self.capture, str) else list(self.capture)
             record = {full for p in patterns for full in model.expand(p)} - {OUTPUT}
             record |= hooks.recorded_for(model, record)
-        record |= (set(interventions) | set(input_interventions) | hook_modules) - {OUTPUT}
+        record |= (set(interventions) | set(input_interventions)) - {OUTPUT}
         should_stop, eval_at, stop_at, before_pass = self.should_stop, [], None, None
         if should_stop is not None:
             eval_at = model.names.layer_names

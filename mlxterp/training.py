@@ -16,6 +16,8 @@ Shared by the tuned lens (``mlxterp.tuned_lens``) and sparse autoencoders (``mlx
   writing a checkpoint (parameters, optimizer state, step, loss history)
   every ``checkpoint_every`` steps; the same call on the same checkpoint
   directory continues from the last one.
+* ``demo_texts(seed)`` gives the sentences the demo model was trained on, the data the
+  scripts, benchmarks and tests that train lenses and SAEs on the demo model use.
 """
 
 import json
@@ -170,6 +172,30 @@ class ActivationRows:
 
 def _rows(array: mx.array) -> mx.array:
     return array.reshape(-1, array.shape[-1]) if array.ndim > 1 else array.reshape(-1)
+
+
+# -- the demo model's sentences ---------------------------------------------------------
+
+DEMO_CORPUS_SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "train_demo_model.py"
+
+
+def demo_texts(seed: int = 0) -> List[str]:
+    """The distinct sentences of the demo model's training corpus, shuffled with ``seed``.
+
+    ``scripts/train_demo_model.py`` owns the corpus, so this needs a source checkout.
+    """
+    import importlib.util
+    import random
+
+    if not DEMO_CORPUS_SCRIPT.exists():
+        raise InputError(f"the demo model's corpus is built by {DEMO_CORPUS_SCRIPT}, which this installation "
+                         "does not have; use a source checkout of mlxterp")
+    spec = importlib.util.spec_from_file_location("train_demo_model", DEMO_CORPUS_SCRIPT)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    texts = sorted({text for text, _ in script.build_corpus(random.Random(0))})
+    random.Random(seed).shuffle(texts)
+    return texts
 
 
 # -- the training loop ----------------------------------------------------------------

@@ -37,7 +37,8 @@ LANGUAGE_IDS = ("python",)
 SUFFIXES = (".py", ".pyi")
 HOOK_POINTS = {"output": "the module's output (hook point): .output.save()",
                "input": "the module's input (hook point): .input.save()"}
-PROXY_ATTRIBUTES = set(HOOK_POINTS) | {"module", "name"}  # what `model.layers[i]` has besides sub-modules
+# what `model.layers[i]` has besides sub-modules (and a hook point, `layers[8].attn.z`: .head[H], .save())
+PROXY_ATTRIBUTES = set(HOOK_POINTS) | {"module", "name", "head", "save", "value"}
 SKIPPED = (tokenize.NL, tokenize.COMMENT, tokenize.INDENT, tokenize.DEDENT, tokenize.ENDMARKER)
 _CHAIN = re.compile(r"\.layers\[\s*(-?\d+|[A-Za-z_]\w*)\s*\]((?:\.[A-Za-z_]\w*)*)\.([A-Za-z_]\w*)?$")
 
@@ -136,16 +137,26 @@ def site_kind(tokens: list, opener: int | None, at: int) -> str | None:
     return None
 
 
+def track_bracket(stack: list[int], i: int, token) -> bool:
+    """Update `stack`, the indices of the open brackets, with `tokens[i]`; whether it was a
+    bracket or the end of a statement."""
+    if token.type == tokenize.NEWLINE:
+        stack.clear()
+    elif token.string in ("(", "[", "{"):
+        stack.append(i)
+    elif token.string in (")", "]", "}"):
+        if stack:
+            stack.pop()
+    else:
+        return False
+    return True
+
+
 def bracket_stack(tokens: list) -> list[int]:
     """Indices of the brackets still open after `tokens` (innermost last)."""
     stack = []
     for i, token in enumerate(tokens):
-        if token.type == tokenize.NEWLINE:
-            stack.clear()
-        elif token.string in ("(", "[", "{"):
-            stack.append(i)
-        elif token.string in (")", "]", "}") and stack:
-            stack.pop()
+        track_bracket(stack, i, token)
     return stack
 
 
@@ -171,13 +182,9 @@ def find_names(text: str) -> tuple[list[Site], list[list[Segment]]]:
     tokens = significant_tokens(text)
     sites, chains, stack = [], [], []
     for i, token in enumerate(tokens):
-        if token.type == tokenize.NEWLINE:
-            stack.clear()
-        elif token.string in ("(", "[", "{"):
-            stack.append(i)
-        elif token.string in (")", "]", "}") and stack:
-            stack.pop()
-        elif token.type == tokenize.STRING:
+        if track_bracket(stack, i, token):
+            continue
+        if token.type == tokenize.STRING:
             kind = site_kind(tokens, stack[-1] if stack else None, i)
             found = string_value(token) if kind else None
             if found is not None and found[0].strip():

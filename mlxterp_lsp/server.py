@@ -13,7 +13,9 @@ import argparse
 import asyncio
 import itertools
 import logging
+import os
 import re
+import signal
 import sys
 
 from lsprotocol import types
@@ -406,6 +408,9 @@ async def describe_node(ls: MlxqServer, document: Document, located, node, token
         return [statement_hover(token.value)]
     if isinstance(node, ast.Path):
         prefixed = next((prefix + node.text for path, prefix in module_paths(statement) if path is node), node.text)
+        hook = ls.link.table.describe_hook(prefixed) if ls.link.table is not None else None
+        if hook:  # a hook point (layers.8.resid_mid, layers.8.attn.z.head[3]): the core table says what it is
+            return [hook]
         answer = await ask_daemon(ls, ls.link.hover(prefixed, 0))
         if isinstance(answer, dict) and answer.get("text"):
             return [answer["text"]]
@@ -753,9 +758,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--log-file", help="write the server's log here (stderr by default)")
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     options = parser.parse_args(argv)
-    logging.basicConfig(filename=options.log_file, level=logging.DEBUG if options.verbose else logging.WARNING,
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    server.start_io()
+    try:
+        logging.basicConfig(filename=options.log_file, level=logging.DEBUG if options.verbose else logging.WARNING,
+                            format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    except OSError as error:
+        print(f"mlxterp lsp: cannot write the log file {options.log_file}: {error.strerror}", file=sys.stderr)
+        return 2
+    if sys.stdin.isatty():  # someone typed `mlxterp lsp`; an editor gives it pipes
+        # Nothing to save without an editor: leave at once, whatever the event loop is doing.
+        signal.signal(signal.SIGINT, lambda *_: os._exit(0))
+        print("mlxterp lsp: a language server speaking LSP on stdin/stdout; your editor starts it "
+              "(docs/lsp.md). Ctrl-C leaves.", file=sys.stderr)
+    try:
+        server.start_io()
+    except KeyboardInterrupt:
+        pass
     return 0
 
 

@@ -45,6 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def read_prompts(path: Path) -> list:
+    """The prompts of a .txt, .jsonl or .json file; blank lines are skipped, and said so on stderr."""
     from mlxterp.errors import InputError
 
     if not path.is_file():
@@ -67,6 +68,9 @@ def read_prompts(path: Path) -> list:
                     raise InputError(f"{path}:{number} is not valid JSON: {exc}") from None
     else:
         items = [line for line in text.splitlines() if line.strip()]
+    blank = sum(1 for line in text.splitlines() if not line.strip())
+    if blank and path.suffix != ".json":
+        print(f"mlxterp collect: skipped {blank} blank line{'s' if blank > 1 else ''} of {path}", file=sys.stderr)
     prompts = [item["prompt"] if isinstance(item, dict) and "prompt" in item else item for item in items]
     for number, prompt in enumerate(prompts, 1):
         if not isinstance(prompt, str) and not (isinstance(prompt, list) and all(isinstance(t, int) for t in prompt)):

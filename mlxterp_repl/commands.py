@@ -55,6 +55,9 @@ def status_text(stats: dict) -> str:
         lines.append("cache   " + ", ".join(parts))
     if "forward_count" in stats:
         lines.append(f"forward passes run: {stats['forward_count']}")
+    idle = stats.get("idle_timeout")
+    lines.append(f"stops   after {idle / 60:g} minutes with no client; `mlxterp stop` stops it now" if idle
+                 else "stops   only when told: `mlxterp stop`")
     return "\n".join(lines)
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import fcntl
+import gc
 import itertools
 import json
 import os
@@ -39,12 +40,13 @@ from mlxterp_repl import protocol as p
 
 DEFAULT_CACHE_MB = 512
 BLOB_BUDGET = 256 * 1024 * 1024  # bytes of fetchable big arrays kept, all connections together
-MAX_UNREAD_OUTPUT = 512 * 1024 * 1024  # a client this far behind in reading its replies is dropped
+MAX_UNREAD_OUTPUT = 512 * 1024 * 1024  # replies not yet read, all clients together: the furthest behind is dropped
 # Before a valid `hello` on TCP (docs/security.md): small frames, a deadline, a connection cap.
 PREAUTH_MAX_FRAME = 4096
 HANDSHAKE_TIMEOUT = 5.0
 MAX_TCP_CONNECTIONS = 32
 ACCEPT_ERROR_INTERVAL = 60.0  # seconds between two log lines about failing accepts
+BACKPRESSURE = 64 * 1024 * 1024  # unread replies of one client above which its next request waits
 LARGE_LOOP_INPUT = 16 * 1024  # complete/hover/tokens input above this runs on a side thread
 
 
@@ -66,8 +68,9 @@ class Job:
 class Connection:
     """One client: its socket, its session and its requests in flight."""
 
-    def __init__(self, number: int, writer: asyncio.StreamWriter, is_tcp: bool):
+    def __init__(self, number: int, writer: asyncio.StreamWriter, is_tcp: bool, peers: dict | None = None):
         self.number = number
+        self.peers = peers if peers is not None else {}  # every connection (the output budget is global)
         self.writer = writer
         self.is_tcp = is_tcp
         self.greeted = False
@@ -86,12 +89,19 @@ class Connection:
             return
         try:
             self.writer.write(p.pack(message))
-            if self.writer.transport.get_write_buffer_size() > MAX_UNREAD_OUTPUT:
+            unread = {conn: conn.unread() for conn in (self, *self.peers.values())}
+            if sum(unread.values()) > MAX_UNREAD_OUTPUT and max(unread, key=unread.get) is self:
                 log(f"connection {self.number} does not read its replies; dropping it")
                 self.closed = True
                 self.writer.transport.abort()
         except Exception:  # a client gone mid-write is not the daemon's problem
             self.closed = True
+
+    def unread(self) -> int:
+        try:
+            return self.writer.transport.get_write_buffer_size()
+        except Exception:
+            return 0
 
     def keep_blob(self, data: bytes, others=()) -> str:
         """Keep `data` for `fetch`; the oldest blobs (this connection's first) go past the budget,
@@ -268,6 +278,10 @@ class Daemon:
 
             self.trace_cache = TraceCache(budget_bytes=self.cache_bytes) if not self.shard else None
             self.model = model
+            # What is loaded now lives as long as the daemon: keep the collector's full passes (which
+            # hold the interpreter lock, stalling the event loop) from walking it again and again.
+            gc.collect()
+            gc.freeze()
             self.set_load("ready", 1.0, f"model {self.model_spec} ready")
         except BaseException as exc:  # noqa: BLE001 -- any failure must reach the clients, not kill the daemon
             self.load_error = f"could not load model {self.model_spec!r}: {type(exc).__name__}: {exc}"
@@ -313,6 +327,8 @@ class Daemon:
         if conn.is_tcp:
             session.workdir = session.write_root = self.write_root
             session.may_write = self.write_root is not None
+            if not self.remote_load:  # (nor can it read directories elsewhere: `sae load`, `lens tuned`)
+                session.read_root, session.may_read = self.write_root, self.write_root is not None
         else:
             session.workdir = conn.workdir
             session.write_root = conn.workdir or Path.cwd()
@@ -381,7 +397,7 @@ class Daemon:
         if not is_tcp and not same_user(writer):
             writer.close()
             return
-        conn = Connection(next(self.numbers), writer, is_tcp)
+        conn = Connection(next(self.numbers), writer, is_tcp, self.connections)
         if is_tcp and sum(c.is_tcp for c in self.connections.values()) >= self.max_tcp_connections:
             conn.send(p.error_reply(None, p.BUSY, f"the daemon serves at most {self.max_tcp_connections} TCP "
                                                   "connections at once; try again later"))
@@ -391,6 +407,11 @@ class Daemon:
         deadline = time.monotonic() + self.handshake_timeout
         try:
             while not conn.closed:
+                if conn.unread() > BACKPRESSURE:  # a client that does not read its replies sends no more work
+                    try:
+                        await writer.drain()
+                    except (ConnectionError, OSError):
+                        break
                 # Before a valid hello on TCP: tiny frames, a deadline, and any error hangs up.
                 preauth = conn.is_tcp and not conn.greeted
                 try:
@@ -593,7 +614,11 @@ class Daemon:
 
 
     def loop_error(self, loop, context: dict) -> None:
-        """asyncio's errors (a failing accept when out of descriptors, ...): logged at most once a minute."""
+        """asyncio's errors: a failing accept (out of descriptors, ...) is logged at most once a
+        minute, not once per connection attempt; anything else as asyncio logs it."""
+        if "accept" not in str(context.get("message", "")):
+            loop.default_exception_handler(context)
+            return
         now = time.monotonic()
         if now - self.last_accept_error >= ACCEPT_ERROR_INTERVAL:
             self.last_accept_error = now

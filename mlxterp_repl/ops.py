@@ -101,6 +101,7 @@ def stats(daemon, conn, message) -> dict:
         "socket": str(daemon.files.socket), "connections": len(daemon.connections),
         "sessions": sum(1 for c in daemon.connections.values() if c.session is not None),
         "queued": daemon.queued, "model": daemon.model_summary(),
+        "idle_timeout": daemon.idle_timeout,  # seconds with no client before it stops; None: never
     }
     if daemon.tcp_address:
         info["tcp"] = p.format_host_port(*daemon.tcp_address)

@@ -1,7 +1,8 @@
 """Where the daemon's files live: runtime directory, socket, pid, lock, log and connection file.
 
 One daemon per runtime directory. The directory is private (0700) and owned by the
-user; the socket inside it is 0600. Lookup order for the directory:
+user; the socket inside it is 0600. Only directories mlxterp creates get their mode set:
+one that exists and is not private is refused (docs/security.md). Lookup order for the directory:
 $MLXTERP_RUNTIME_DIR, then $XDG_RUNTIME_DIR/mlxterp, then /tmp/mlxterp-<uid>.
 $MLXTERP_SOCKET overrides the socket path alone.
 

@@ -143,7 +143,7 @@ class Repl:
         self.history = history if history is not None else QueryHistory(history_path())
         self.use_pager = self.console.is_terminal if use_pager is None else use_pager
         self.status: dict = {}
-        self.memory: int | None = None
+        self.memory: tuple[int | None, int | None] = (None, None)  # the daemon's resident size, MLX's memory
         self.last_time: float | None = None
         self.connected = True
         self.running_id = None  # id of the exec in flight, from its first frame
@@ -183,7 +183,8 @@ class Repl:
             self.lock.release()
 
     def toolbar(self) -> str:
-        return toolbar_text(self.status, self.memory, self.last_time, self.connected)
+        return toolbar_text(self.status, self.memory, self.last_time, self.connected,
+                            width=self.prompt.app.output.get_size().columns)
 
     # the loop
     def run(self) -> int:
@@ -216,7 +217,7 @@ class Repl:
         progress = ProgressLine(self.console)
         self.running_id = None
         try:
-            with self.lock:
+            with self.lock, no_echo(self.console):
                 reply = self.client.request("exec", code=text, workdir=os.getcwd(),  # files go where you are
                                             on_frame=lambda m: self.on_frame(m, progress))
         except KeyboardInterrupt:
@@ -229,6 +230,8 @@ class Repl:
                     except OSError:
                         pass
             progress.clear()
+            if progress.streaming:
+                self.console.print()
             self.last_time = time.perf_counter() - started
             self.console.print(Text("interrupted", style="yellow"))
             return
@@ -237,6 +240,8 @@ class Repl:
             self.lost_daemon(exc)
             return
         progress.clear()
+        if progress.streaming:  # streamed text stopped mid-line (an interrupted generation)
+            self.console.print()
         self.last_time = time.perf_counter() - started
         for data in reply.results:
             self.show_result(data)
@@ -248,10 +253,13 @@ class Repl:
         self.running_id = message.get("id")
         kind = message.get("type")
         if kind == p.PROGRESS:
-            progress.update(progress_text(message))
+            if not progress.streaming:  # a status line would erase the streamed text's open line
+                progress.update(progress_text(message))
         elif kind == p.OUT:
             progress.clear()
-            self.console.print(Text(message.get("text", "")), end="")
+            text = message.get("text", "")
+            self.console.print(Text(text), end="")
+            progress.streaming = bool(text) and not text.endswith("\n") or (progress.streaming and not text)
 
     def with_arrays(self, data: dict) -> dict:
         """The result with its big arrays (sent as handles) fetched."""
@@ -291,7 +299,7 @@ class Repl:
         except (daemon_client.DaemonError, ConnectionError, OSError):
             self.connected = False
             return
-        self.memory = daemon_memory(self.status, self.client.hello.get("pid"))
+        self.memory = (resident_memory(self.client.hello.get("pid")), mlx_memory(self.status))
 
     def model_line(self) -> str:
         model = self.status.get("model") or self.client.hello.get("model") or {}
@@ -397,17 +405,22 @@ def progress_text(message: dict) -> str:
 
 
 class ProgressLine:
-    """One transient status line under the prompt while a query runs (terminals only)."""
+    """One transient status line under the prompt while a query runs (terminals only): always one
+    screen line (the first line of the text, cut to fit), so clearing that line leaves no trace."""
 
     def __init__(self, console: Console):
         self.console = console
         self.shown = False
+        self.streaming = False  # streamed text (`out` frames, e.g. generated tokens) left its line open
 
     def update(self, text: str) -> None:
         if not self.console.is_terminal:
             return
+        from rich.cells import cell_len, set_cell_size
+
         width = max(self.console.width - 1, 10)
-        self.console.file.write("\r\x1b[K" + text[:width])
+        line = " ".join(text.split())  # a statement of several lines shows as one
+        self.console.file.write("\r\x1b[K" + (set_cell_size(line, width).rstrip() if cell_len(line) > width else line))
         self.console.file.flush()
         self.shown = True
 
@@ -418,13 +431,46 @@ class ProgressLine:
             self.shown = False
 
 
-def daemon_memory(stats: dict, pid: int | None) -> int | None:
-    """Bytes in use by the daemon: what it reports, else its resident size read from the OS."""
-    reported = stats.get("memory") or (stats.get("model") or {}).get("memory")  # MLX's active memory
+class no_echo:
+    """While a query runs, the terminal does not echo what is typed ahead: it would land on the
+    progress line and stay in the scrollback. The typed text is kept; the next prompt shows it."""
+
+    def __init__(self, console: Console):
+        self.fd = None
+        if console.is_terminal and sys.stdin.isatty():
+            self.fd = sys.stdin.fileno()
+
+    def __enter__(self):
+        self.saved = None
+        if self.fd is not None:
+            import termios
+
+            try:
+                self.saved = termios.tcgetattr(self.fd)
+                quiet = list(self.saved)
+                quiet[3] &= ~termios.ECHO
+                termios.tcsetattr(self.fd, termios.TCSANOW, quiet)
+            except termios.error:
+                self.saved = None
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.saved is not None:
+            import termios
+
+            termios.tcsetattr(self.fd, termios.TCSANOW, self.saved)
+
+
+def mlx_memory(stats: dict) -> int | None:
+    """Bytes of MLX's active memory in the daemon, as it reports them."""
+    reported = stats.get("memory") or (stats.get("model") or {}).get("memory")
     if isinstance(reported, dict):
-        reported = reported.get("rss") or reported.get("active")
-    if isinstance(reported, (int, float)):
-        return int(reported)
+        reported = reported.get("active")
+    return int(reported) if isinstance(reported, (int, float)) else None
+
+
+def resident_memory(pid: int | None) -> int | None:
+    """The daemon's resident size (RSS), read from the OS: everything it holds, MLX's memory or not."""
     if not pid:
         return None
     try:
@@ -441,8 +487,9 @@ def daemon_memory(stats: dict, pid: int | None) -> int | None:
         return None
 
 
-def toolbar_text(stats: dict, memory: int | None, last_time: float | None, connected: bool) -> str:
-    """model · layers · hidden size · device · memory · daemon status · last query time."""
+def toolbar_text(stats: dict, memory: tuple, last_time: float | None, connected: bool,
+                 width: int | None = None) -> str:
+    """model · layers · hidden size · device · memory (resident, MLX) · daemon status · last query time."""
     if not connected:
         return " daemon: not connected (the next query reconnects) "
     model = stats.get("model") or {}
@@ -455,13 +502,22 @@ def toolbar_text(stats: dict, memory: int | None, last_time: float | None, conne
     device = model.get("device") or stats.get("device")
     if device:
         parts.append(str(device))
-    if memory is not None:
-        parts.append(f"{memory / 1e6:.0f} MB")
+    resident, mlx = memory
+    if resident is not None:
+        parts.append(f"{resident / 1e6:.0f} MB resident" + (f", {mlx / 1e6:.0f} MB MLX" if mlx is not None else ""))
+    elif mlx is not None:
+        parts.append(f"{mlx / 1e6:.0f} MB MLX")
     state = model.get("state", "?")
     busy = stats.get("queued", 0)
     parts.append(f"daemon {state}" + (f", {busy} running" if busy else ""))
     if last_time is not None:
         parts.append(f"last {last_time * 1000:.0f} ms" if last_time < 1 else f"last {last_time:.1f} s")
+    # Narrow terminals: leave out what is also in the banner (hidden size, layers), then the device.
+    for spare in (f"hidden {model.get('hidden_size')}", str(device), f"{model.get('n_layers')} layers"):
+        if width is None or len(" │ ".join(parts)) + 2 <= width:
+            break
+        if spare in parts:
+            parts.remove(spare)
     return " " + " │ ".join(parts) + " "
 
 

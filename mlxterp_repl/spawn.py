@@ -62,9 +62,17 @@ def daemon_environment() -> dict:
     return env
 
 
+# A daemon started for you (by `mlxterp run`, the REPL, an editor, `connect()`) stops after this
+# many seconds with no client; MLXTERP_IDLE_TIMEOUT (0: never) sets another. `mlxterp serve` never does unless told.
+AUTO_IDLE_TIMEOUT = 30 * 60
+
+
 def spawn_daemon(files: daemon_files.DaemonPaths, model: str, extra_args: list[str] | None = None) -> subprocess.Popen:
+    extra_args = list(extra_args or [])
+    if "--idle-timeout" not in extra_args:
+        extra_args += ["--idle-timeout", os.environ.get("MLXTERP_IDLE_TIMEOUT") or str(AUTO_IDLE_TIMEOUT)]
     args = [sys.executable, "-m", "mlxterp_repl.daemon", "--runtime-dir", str(files.runtime_dir),
-            "--socket", str(files.socket), "--model", model, *(extra_args or [])]
+            "--socket", str(files.socket), "--model", model, *extra_args]
     with open(files.log_file, "ab") as log:
         os.chmod(files.log_file, 0o600)
         proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=log, stderr=log,

@@ -14,27 +14,16 @@ from mlxterp_repl.blas import reexec_with_openblas
 reexec_with_openblas()
 
 import argparse
-import importlib.util
-import random
 import tempfile
 import time
 from pathlib import Path
 
 from mlxterp import InterpretableModel
 from mlxterp.sae import evaluate_sae, train_sae
-from mlxterp.training import collect_tokens
+from mlxterp.training import collect_tokens, demo_texts
 from mlxterp.tuned_lens import compare_lenses, train_tuned_lens
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def demo_sentences():
-    spec = importlib.util.spec_from_file_location("train_demo_model", ROOT / "scripts" / "train_demo_model.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
-    texts = sorted({text for text, _ in script.build_corpus(random.Random(0))})
-    random.Random(0).shuffle(texts)
-    return texts
 
 
 def main():
@@ -47,7 +36,7 @@ def main():
     out = Path(options.out)
     out.mkdir(parents=True, exist_ok=True)
     model = InterpretableModel("demo")
-    texts = demo_sentences()
+    texts = demo_texts()
     train, held_out = texts[:-200], texts[-200:]
     with tempfile.TemporaryDirectory() as tmp:
         started = time.perf_counter()

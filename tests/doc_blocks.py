@@ -35,6 +35,32 @@ def run_page(page: str, tmp_path, monkeypatch, blocks=None) -> dict:
     return namespace
 
 
+MLXQ_BLOCK = re.compile(r"^```mlxq\n(.*?)^```", re.S | re.M)
+
+
+def mlxq_blocks(page: str) -> list[tuple[int, str]]:
+    """(line number, text) of each query-language block of ``docs/page``."""
+    text = (DOCS / page).read_text()
+    return [(text[:m.start()].count("\n") + 2, m.group(1)) for m in MLXQ_BLOCK.finditer(text)]
+
+
+def run_mlxq_blocks(page: str, model) -> list:
+    """Run each query-language block of the page as a script in a fresh session on ``model``;
+    a statement that fails fails the test, naming its block. Returns every block's results."""
+    from mlxterp_repl.dsl.errors import QueryError
+    from mlxterp_repl.dsl.evaluator import Session
+
+    found = mlxq_blocks(page)
+    assert found, f"{page} has no mlxq blocks"
+    results = []
+    for line, text in found:
+        try:
+            results.append(Session(model).execute(text))
+        except QueryError as error:
+            pytest.fail(f"the mlxq block at {page} line {line} failed: {error}\n{text}")
+    return results
+
+
 def runnable_blocks(page: str) -> list[int]:
     return [i for i, (_, code) in enumerate(python_blocks(page))
             if not any(marker in code for marker in NEEDS_THE_READERS_MODEL)]

@@ -41,8 +41,13 @@ def figure(name: str, value: float, unit: str) -> None:
 
 @pytest.fixture(scope="module")
 def daemon(tmp_path_factory):
-    running = start_daemon(tmp_path_factory.mktemp("rt"), "--tcp", "127.0.0.1:0", "--max-exec-chars", str(MAX_EXEC),
-                           "--handshake-timeout", str(HANDSHAKE), "--max-tcp-connections", str(MAX_TCP))
+    os.environ["MLXTERP_LONG_SWEEP_SECONDS"] = "0.001"  # (read by the daemon at start: any sweep of 32+ passes is "long")
+    try:
+        running = start_daemon(tmp_path_factory.mktemp("rt"), "--tcp", "127.0.0.1:0",
+                               "--max-exec-chars", str(MAX_EXEC),
+                               "--handshake-timeout", str(HANDSHAKE), "--max-tcp-connections", str(MAX_TCP))
+    finally:
+        os.environ.pop("MLXTERP_LONG_SWEEP_SECONDS")
     conn = running.raw()
     conn.hello()
     assert conn.request("exec", code="info")[-1]["status"] == "ok"  # the model is loaded
@@ -195,6 +200,9 @@ def test_a_tcp_session_cannot_write_or_load_paths(daemon, tmp_path):
             messages.append(error_message(frames))
         # The same answer whatever is (or is not) at the path: nothing can be probed remotely.
         assert len(set(messages)) == 1 and "--models" in messages[0]
+        for code in [f'sae load "{tmp_path / "model-dir"}"', f'lens tuned "{tmp_path}" in "Paris is"']:
+            frames = run(conn, code)
+            assert status(frames) == "error" and "--write-root" in error_message(frames), code
     finally:
         conn.close()
     assert not (tmp_path / "x.npz").exists()
@@ -250,6 +258,27 @@ def test_tcp_connections_past_the_cap_are_refused_politely(daemon):
             conn.close()
 
 
+def test_failing_accepts_are_logged_once_a_minute(daemon):
+    import resource
+
+    pid = daemon.proc.pid
+    old = resource.prlimit(pid, resource.RLIMIT_NOFILE)
+    held = []
+    try:
+        resource.prlimit(pid, resource.RLIMIT_NOFILE, (len(os.listdir(f"/proc/{pid}/fd")) + 1, old[1]))
+        for _ in range(30):  # the kernel completes the connections; the daemon's accept() fails (EMFILE)
+            held.append(tcp_raw(daemon))
+        time.sleep(2.5)  # asyncio retries the accepts every second
+    finally:
+        resource.prlimit(pid, resource.RLIMIT_NOFILE, old)
+        for conn in held:
+            conn.close()
+    assert daemon.log().count("out of system resource") == 1, daemon.log()[-2000:]
+    conn = daemon.raw()  # and it serves again
+    assert conn.request("ping")[-1]["status"] == "error"  # (need_hello: answered, so accepted)
+    conn.close()
+
+
 # --- bounded work ----------------------------------------------------------------
 
 def test_a_30k_token_prompt_is_refused_and_the_daemon_lives(local):
@@ -260,6 +289,16 @@ def test_a_30k_token_prompt_is_refused_and_the_daemon_lives(local):
     assert status(frames) == "error" and "30,00" in message and "at most 256" in message
     assert local.request("ping")[-1]["status"] == "ok"
     assert status(run(local, 'lens in "Paris is" top 1')) == "ok"
+
+
+def test_a_long_patch_sweep_needs_force(local):
+    # (this daemon counts any sweep of 32+ forward passes as long: MLXTERP_LONG_SWEEP_SECONDS=0.001)
+    sweep = f'patch mlp clean "Paris {words(10)}" corrupt "Rome {words(10)}" @ * layers 0..3'
+    frames = run(local, sweep)
+    message = error_message(frames)
+    assert status(frames) == "error" and "48 forward passes" in message and "`force`" in message
+    assert status(run(local, sweep + " force")) == "ok"
+    assert status(run(local, 'patch mlp clean "Paris is" corrupt "Rome is" layers 0..3')) == "ok"  # 4 passes
 
 
 def test_the_exec_caps_are_enforced(local):

@@ -18,7 +18,7 @@ save layers.8 @ "France"
 lens @ -1 top 3
 stats layers.0..2 @ -1
 save layers.*.mlp @ -1 as $mlps
-export $mlps to out/mlps.npz
+export $mlps to out/mlps.npz overwrite
 save layrs.8 \\
   @ -1
 predict layers.15 @ -1 top 3

@@ -334,3 +334,25 @@ def test_heads_and_features_through_a_daemon_drawn_by_the_repl(tmp_path, demo_mo
     assert "induction" in drawn and "cannot display" not in drawn
     assert f"{library.features[0]}" in drawn and "top 5 features of" in drawn
     assert result_from_data(heads) == expected and heads["text"].startswith("head scores")
+
+
+# ---- the language server's checks --------------------------------------------------------------------
+
+
+def test_language_server_checks_the_new_statements_modules_and_layers(demo_model):
+    from mlxterp_lsp.checks import layers_findings, module_paths, parse_findings, path_findings
+    from mlxterp_lsp.documents import Document
+
+    text = ("sae load demo\nfeatures layers.99 @ -1\nwith layers.8.mpl amplify 3 2: lens @ -1\n"
+            "heads induction layers 0..40\ncausal subject \"France\" layers 2..3\nheads indction\n")
+    document = Document("file:///analyses.mlxq", text)
+    table = demo_model.names.table
+    findings = parse_findings(document)
+    for located in document.statements:
+        for path, prefix in module_paths(located.statement):
+            findings += path_findings(table, located, path, prefix)
+        findings += layers_findings(table, located)
+    found = sorted((f.range[0], f.code) for f in findings)
+    assert found == [(1, "layer-index"), (2, "unknown-module"), (3, "layer-index"), (5, "parse")], findings
+    unknown = next(f for f in findings if f.code == "unknown-module")
+    assert "layers.8.mlp" in unknown.suggestions

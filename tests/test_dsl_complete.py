@@ -94,7 +94,8 @@ def test_variables_after_dollar():
 def test_interventions_after_a_with_target_then_queries_only():
     assert labels("with layers.3 ") == ["zero", "scale", "clamp", "noise", "add", "replace", "ablate", "amplify",
                                         "inject"]
-    assert labels("with layers.3 zero: ") == ["save", "lens", "predict", "stats", "export"]
+    assert labels("with layers.3 zero: ") == ["save", "lens", "predict", "features", "generate", "dla", "stats",
+                                                  "export"]
 
 
 def test_metric_and_help_topics():
@@ -103,9 +104,10 @@ def test_metric_and_help_topics():
 
 
 def test_patch_offers_answers_only_where_the_metric_allows_them():
-    assert labels('patch mlp clean "a" corrupt "b" ') == ["@", "metric", "answers", "layers", "plot"]
-    assert labels('patch mlp clean "a" corrupt "b" metric logit_diff ') == ["@", "answers", "layers", "plot"]
-    assert labels('patch mlp clean "a" corrupt "b" metric mse ') == ["@", "layers", "plot"]
+    flags = ["overwrite", "force"]
+    assert labels('patch mlp clean "a" corrupt "b" ') == ["@", "metric", "answers", "layers", "plot", *flags]
+    assert labels('patch mlp clean "a" corrupt "b" metric logit_diff ') == ["@", "answers", "layers", "plot", *flags]
+    assert labels('patch mlp clean "a" corrupt "b" metric mse ') == ["@", "layers", "plot", *flags]
     assert labels('patch mlp clean "a" corrupt "b" metric logit_diff an') == ["answers"]
 
 

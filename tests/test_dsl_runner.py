@@ -19,8 +19,15 @@ def run(source, model, **options):
     return status, out.getvalue(), err.getvalue()
 
 
-def test_first_error_stops_the_script_with_status_1(demo_model):
+def test_a_syntax_error_anywhere_runs_nothing(demo_model):
     status, out, err = run(SCRIPT, demo_model)
+    assert status == 1
+    assert out == ""
+    assert err.startswith("line 3, column 1: 'sav' is not a statement")
+
+
+def test_first_error_stops_the_script_with_status_1(demo_model):
+    status, out, err = run(SCRIPT.replace("sav layers.8", "save layers.8"), demo_model)
     assert status == 1
     assert "prompt set" in out and "4: save" not in out
     assert err.startswith("line 2, column 17: no token of the input matches 'Germany'")

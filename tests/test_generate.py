@@ -4,6 +4,8 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
+from architectures import ARCHITECTURES
+
 from mlxterp import interventions as iv
 from mlxterp.errors import InputError
 from mlxterp.generate import Generation
@@ -176,3 +178,26 @@ def test_hook_points_are_captured_and_intervened_on_per_step(demo_model):
     assert [int(t) for t in np.argmax(np.array(logits[0, len(demo_model.encode(PROMPT)) - 1:]), -1)] == result.tokens
     with pytest.raises(Exception, match="cannot be captured during generation"):
         demo_model.generate(PROMPT, 2, capture="layers.2.attn.pattern")
+
+
+# ---- the architecture battery ------------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_generation_with_the_cache_equals_full_passes_on_every_architecture(arch):
+    """With mlx-lm's prompt cache (KV, rotating, recurrent: make_prompt_cache picks) and an intervention
+    at every step, each step equals a full forward pass over the text so far, and so do the captures."""
+    from architectures import tiny_model
+    from mlxterp import InterpretableModel
+
+    model = InterpretableModel(tiny_model(arch))
+    ids = [1, 5, 9, 14, 3, 7]
+    steer = {"layers.0": iv.add_vector(mx.ones((model.hidden_size,)) * 0.5)}
+    result = model.generate(ids, 4, interventions=steer, capture="layers.1", stop_at_eos=False)
+    with model.trace([ids + result.tokens[:-1]], interventions=steer):
+        logits = model.output.save()
+        hidden = model.layers[1].output.save()
+    expected = np.argmax(np.array(logits[0, len(ids) - 1:].astype(mx.float32)), axis=-1).tolist()
+    assert result.tokens == expected
+    np.testing.assert_allclose(result.stacked("layers.1"), np.array(hidden.astype(mx.float32)), atol=1e-4)

@@ -12,7 +12,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from architectures import ARCHITECTURES, N_LAYERS, TRANSFORMERS, tiny_model
+from architectures import ARCHITECTURES, N_LAYERS, QUANTIZED, TRANSFORMERS, tiny_model, tiny_quantized
 from mlxterp import InterpretableModel
 from mlxterp import interventions as iv
 from mlxterp.errors import UnknownModuleError
@@ -109,3 +109,15 @@ def test_the_architectures_of_the_table_are_the_ones_with_residual_hook_points()
                and a not in ("mistral", "smollm3")]
     # mistral and smollm3 run on llama.py, whose entry covers them
     assert missing == [], missing
+
+
+@pytest.mark.parametrize("arch", QUANTIZED)
+def test_hook_points_of_quantized_models_add_up(arch):
+    model = InterpretableModel(tiny_quantized(arch))
+    names = [f"layers.0.{h}" for h in RESIDUAL if h in model.names.table.hooks] + ["layers.0.attn.z", "layers.0.attn"]
+    _, c = model.run_with_cache(IDS, names=names)
+    from mlxterp.attention import output_projection
+
+    z = c["layers.0.attn.z"]
+    assert close(output_projection(model.module("layers.0.attn"))(z.reshape(*z.shape[:2], -1)), c["layers.0.attn"])
+    assert close(c["layers.0.resid_post"], c["layers.0.resid_mid"] + c["layers.0.mlp_out"]), arch

@@ -4,12 +4,11 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from demo_texts import demo_texts
 from mlxterp.errors import InputError
 from mlxterp.sae import (
     SparseAutoencoder, active_features, evaluate_sae, load_sae, next_token_loss, top_activating_examples, train_sae,
 )
-from mlxterp.training import collect_tokens
+from mlxterp.training import collect_tokens, demo_texts
 
 TRAIN_TEXTS, HELD_OUT_TEXTS = 500, 80
 OPTIONS = dict(key="layer_8", expansion=4, k=16, batch_size=256, learning_rate=1e-3, progress=False)

@@ -36,14 +36,15 @@ ARGUMENT_SAMPLES = {"nothing": "", "path": "layers.1", "optional_path": "", "pat
                     "string": '"Paris is"', "optional_string": "", "count": "3"}
 
 
-def option_text(keyword: str) -> str:
+def option_text(keyword: str, spec=None) -> str:
     text = f"{keyword} {OPTION_SAMPLES[OPTIONS[keyword].reads]}".strip()
-    return "metric logit_diff " + text if keyword == "answers" else text
+    needs_metric = keyword == "answers" and (spec is None or "metric" in spec.options)
+    return "metric logit_diff " + text if needs_metric else text
 
 
 def minimal(spec) -> str:
     """The shortest statement of the common shape: keyword, argument, required options."""
-    parts = [spec.name, ARGUMENT_SAMPLES[spec.reads]] + [option_text(k) for k in spec.required]
+    parts = [spec.name, ARGUMENT_SAMPLES[spec.reads]] + [option_text(k, spec) for k in spec.required]
     return " ".join(p for p in parts if p)
 
 
@@ -118,7 +119,7 @@ def test_parser_reads_every_option_the_table_lists(spec):
     base = minimal(spec)
     only(base)  # the minimal form parses
     for keyword in spec.options:
-        text = base if keyword in spec.required else f"{base} {option_text(keyword)}"
+        text = base if keyword in spec.required else f"{base} {option_text(keyword, spec)}"
         node = only(text)
         assert getattr(node, OPTIONS[keyword].field) is not None, (text, keyword)
 
@@ -141,7 +142,7 @@ def test_parser_refuses_other_options_with_the_tables_list(spec):
 def test_parser_requires_the_tables_required_options(spec):
     for keyword in spec.required:
         text = " ".join(p for p in [spec.name, ARGUMENT_SAMPLES[spec.reads]]
-                        + [option_text(k) for k in spec.required if k != keyword] if p)
+                        + [option_text(k, spec) for k in spec.required if k != keyword] if p)
         error = parse(text).errors[0]
         assert error.message == f"{spec.name} needs {OPTIONS[keyword].syntax()}", error.message
 

@@ -4,9 +4,8 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from demo_texts import demo_texts
 from mlxterp.errors import InputError
-from mlxterp.training import collect_tokens
+from mlxterp.training import collect_tokens, demo_texts
 from mlxterp.tuned_lens import TunedLens, compare_lenses, train_tuned_lens
 
 TRAIN_TEXTS, HELD_OUT_TEXTS = 160, 60

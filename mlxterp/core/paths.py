@@ -221,18 +221,24 @@ class NameTable:
         """Short names of the modules and of every layer's hook points (what completion offers)."""
         names = self.short_names()
         for layer in self.layer_names:
-            short = self._short.get(layer, layer)
-            attention = self._attention_of(layer)
-            for hook in self.hooks:
-                if hook.startswith("attn."):
-                    if attention is not None:
-                        names.append(f"{self._short[attention]}.{hook[5:]}")
-                else:
-                    names.append(f"{short}.{hook}")
+            names += self._layer_hook_names(layer)
         return names
 
+    def _layer_hook_names(self, layer: str) -> list[str]:
+        """Short names of one layer's hook points (`layers.8.resid_pre`, `layers.8.self_attn.z`)."""
+        short = self._short.get(layer, layer)
+        attention = self.attention_of(layer)
+        found = [f"{short}.{INPUT}"] if self.hooks else []
+        for hook in self.hooks:
+            if not hook.startswith("attn."):
+                found.append(f"{short}.{hook}")
+            elif attention is not None:
+                found.append(f"{self._short[attention]}.{hook[5:]}")
+        return found
+
     # -- hook points -------------------------------------------------------
-    def _attention_of(self, layer_full: str) -> str | None:
+    def attention_of(self, layer_full: str) -> str | None:
+        """Full name of a layer's attention module (`self_attn`, `attention`, ...), or None."""
         for variant in ALIASES["attn"]:
             if f"{layer_full}.{variant}" in self._known:
                 return self._called(f"{layer_full}.{variant}")
@@ -264,6 +270,22 @@ class NameTable:
             return None
         module = ".".join(split[0])
         return (module, split[1], split[2]) if module in self._known else None
+
+    def describe_hook(self, name: str) -> str | None:
+        """Markdown saying what hook point `name` is (for hover), or None when it names none."""
+        try:
+            full = self.resolve(name)
+        except (UnknownModuleError, LayerIndexError):
+            return None
+        parts = self.hook_parts(full)
+        if parts is None:
+            return None
+        module, hook, heads = parts
+        what = LAYER_HOOKS.get(hook) or HEAD_HOOKS.get(hook[5:]) or f"the input of {self.short(module)}"
+        text = f"**{self.short(full)}** (hook point): {what}"
+        if heads is not None:
+            text += f"; heads {heads}"
+        return text
 
     def head_indices(self, heads: str | None) -> list[int] | None:
         """Head numbers of a head selection text (`3`, `[1,3]`, `0..3`, `*`); None: every head."""
@@ -305,7 +327,7 @@ class NameTable:
                 raise UnknownModuleError(name, [f"layers.0.{hook}"], f"{hook.split('.')[-1]} is a hook point of "
                                          f"{where}: layers.N.{hook}")
             if hook.startswith("attn."):
-                attention = self._attention_of(layer)
+                attention = self.attention_of(layer)
                 if attention is None:
                     raise UnknownModuleError(name, [], f"layer {layer} has no attention module")
                 base = f"{attention}.{hook[5:]}"
@@ -396,7 +418,7 @@ class NameTable:
             full = base + "." + variant
             if full in self._known:
                 return self._called(full)
-        children = [self.short(f) for f in self.names if f.startswith(base + ".")]
+        children = [self.short(f) for f in self.names if f.startswith(base + ".")] + self._layer_hook_names(base)
         close = difflib.get_close_matches(self.short(base) + "." + ".".join(rest), children, n=5, cutoff=0.5)
         raise UnknownModuleError(name, close or children[:8])
 

@@ -180,6 +180,34 @@ class Lens(Statement):
 
 
 @dataclass(kw_only=True)
+class Dla(Statement):
+    input: String | None = None  # the prompt; None: the session's
+    answer: String | None = None
+    answers: list | None = None  # [String, String]: the logit difference
+    layers: Layers | None = None
+    plot: Plot | None = None
+    overwrite: bool = False
+
+
+@dataclass(kw_only=True)
+class Attribute(Statement):
+    clean: String | None = None
+    corrupt: String | None = None
+    answers: list | None = None
+    layers: Layers | None = None
+    plot: Plot | None = None
+    overwrite: bool = False
+
+
+@dataclass(kw_only=True)
+class Attention(Statement):
+    target: Node
+    input: String | None = None
+    plot: Plot | None = None
+    overwrite: bool = False
+
+
+@dataclass(kw_only=True)
 class Generate(Statement):
     count: int = 0
     input: String | None = None
@@ -205,6 +233,7 @@ class Patch(Statement):
     layers: Layers | None = None
     plot: Plot | None = None
     overwrite: bool = False  # replace an existing file (export, plot to FILE)
+    force: bool = False  # run even when the estimated time is long
 
 
 @dataclass(kw_only=True)

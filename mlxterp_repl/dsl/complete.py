@@ -150,7 +150,7 @@ def _token_candidates(context: CompletionContext) -> list[Completion]:
 def _module_candidates(prefix: str, context: CompletionContext) -> list[Completion]:
     """Next path segments below `prefix`, by the core's path rules over the module table."""
     info = {module["name"]: module for module in context.modules}
-    names = context.table.short_names() if context.table is not None else list(info)
+    names = context.table.path_names() if context.table is not None else list(info)
     n_layers = context.table.n_layers if context.table is not None else context.n_layers
     children = {child: info.get(name, {}).get("type", "") for child, name in
                 paths.next_segments(prefix, names, n_layers).items()}

@@ -19,6 +19,7 @@ import contextlib
 import dataclasses
 import hashlib
 import os
+import time
 from collections import OrderedDict
 from pathlib import Path
 
@@ -139,6 +140,22 @@ def to_numpy(array) -> np.ndarray:
     return np.asarray(array, dtype=np.float32)
 
 
+@contextlib.contextmanager
+def paused_gc(pause: bool = True):
+    """Parsing a huge text builds millions of (acyclic) nodes; the collector's full passes over
+    them hold the interpreter lock for up to a second, stalling the daemon's event loop."""
+    import gc
+
+    was_enabled = gc.isenabled()
+    if pause:
+        gc.disable()
+    try:
+        yield
+    finally:
+        if pause and was_enabled:
+            gc.enable()
+
+
 def context_length(model) -> int | None:
     """The longest input the model was built for (max_position_embeddings or its kin), or None."""
     args = getattr(getattr(model, "model", None), "args", None)
@@ -212,6 +229,9 @@ class Session:
         # `write_root` (relative names, no links); `may_write` False refuses every write.
         self.write_root: Path | None = None
         self.may_write = True
+        # Likewise for directories a statement reads (`sae load`, `lens tuned`): only under `read_root`.
+        self.read_root: Path | None = None
+        self.may_read = True
         self.prompt: str | None = None
         self.variables: dict[str, ValuesResult] = {}
         self.steering: list[tuple[ast.Intervention, object, str | None]] = []
@@ -226,7 +246,8 @@ class Session:
         (parse errors before anything runs); its `.results` holds what ran before it. A stop
         asked for (`should_stop()`) is checked between statements: Interrupted, with `.results`."""
         try:
-            parsed = parse(text)
+            with paused_gc(len(text) > 100_000):
+                parsed = parse(text)
         except RecursionError:
             error = QueryError("this text is nested too deeply to read: split long expressions into several "
                                "`let` statements", Span(1, 1, 1, 2))
@@ -552,7 +573,8 @@ class Session:
         tokens = []
         if self.prompt is not None:
             tokens = self.model.token_strings(self.model.encode(self.prompt))
-        return CompletionContext(self.model.module_info(), self.model.n_layers, list(self.variables), tokens)
+        return CompletionContext(self.model.module_info(), self.model.n_layers, list(self.variables), tokens,
+                                 table=self.model.names.table)  # the core table: module paths and hook points
 
     # ---- statements ----
 
@@ -620,6 +642,87 @@ class Session:
         result = parts[0] if len(parts) == 1 else TokenPredictions.join(parts)
         return self.with_notes(result, run)
 
+    def patch_heads(self, node: ast.Patch, run: Run):
+        """`patch heads ...`: each head's z patched from the clean run (mlxterp.attribution.head_patching)."""
+        from mlxterp.attribution import head_patching
+
+        model = self.need_model(node)
+        _, _, clean_tokens = self.resolve_input(node.clean, node)
+        _, _, corrupt_tokens = self.resolve_input(node.corrupt, node)
+        positions = None
+        if node.position is not None:
+            positions = list(dict.fromkeys(self.patch_positions(node.position, clean_tokens, corrupt_tokens)))
+        answers = [self.answer_id(answer) for answer in node.answers] if node.answers else None
+        run.notes.extend(self.answer_warnings(node.answers or []))
+        if run.should_stop is not None and run.should_stop():
+            raise Interrupted("stopped before the head patching sweep ran")
+        interventions, _ = self.interventions_in_force(run)
+        try:
+            result = head_patching(model, node.clean.value, node.corrupt.value, layers=self.layer_indices(node.layers),
+                                   metric=node.metric.value if node.metric else "l2", answers=answers,
+                                   positions=positions, interventions=interventions, should_stop=run.should_stop)
+        except MlxterpError as error:
+            raise QueryError(str(error), node.clean.span.to(node.corrupt.span)) from None
+        if node.plot is not None:
+            result.plot = self.plotting(result.save_plot, node.plot, node.overwrite)
+        return self.with_notes(result, run)
+
+    def do_dla(self, node: ast.Dla, run: Run):
+        from mlxterp.attribution import direct_logit_attribution
+
+        model = self.need_model(node)
+        text, _, _ = self.resolve_input(node.input, node)
+        answer = wrong = None
+        if node.answers:
+            answer, wrong = (self.answer_id(a) for a in node.answers)
+        elif node.answer is not None:
+            answer = self.answer_id(node.answer)
+        run.notes.extend(self.answer_warnings(node.answers or ([node.answer] if node.answer else [])))
+        interventions, _ = self.interventions_in_force(run)
+        result = direct_logit_attribution(model, text, answer, wrong, layers=self.layer_indices(node.layers),
+                                          interventions=interventions)
+        if node.plot is not None:
+            result.plot = self.plotting(result.save_plot, node.plot, node.overwrite)
+        return self.with_notes(result, run)
+
+    def do_attribute(self, node: ast.Attribute, run: Run):
+        from mlxterp.attribution import attribution_patching
+
+        model = self.need_model(node)
+        answers = [self.answer_id(a) for a in node.answers]
+        run.notes.extend(self.answer_warnings(node.answers))
+        if self.steering:
+            run.notes.append("attribution patching runs without the steering in force")
+        try:
+            result = attribution_patching(model, node.clean.value, node.corrupt.value, answers,
+                                          layers=self.layer_indices(node.layers))
+        except MlxterpError as error:
+            raise QueryError(str(error), node.clean.span.to(node.corrupt.span)) from None
+        if node.plot is not None:
+            result.plot = self.plotting(result.save_plot, node.plot, node.overwrite)
+        return self.with_notes(result, run)
+
+    def do_attention(self, node: ast.Attention, run: Run):
+        from mlxterp import hooks
+        from mlxterp.attribution import head_attention
+
+        model = self.need_model(node)
+        text, _, _ = self.resolve_input(node.input, node)
+        names = self.expand(node.target)
+        layers = {model.names.layer_index(model.resolve(n) if hooks.point(model, n) is None else hooks.point(model, n).module)
+                  for n in names}
+        if len(layers) != 1 or None in layers:
+            raise QueryError("attention shows the heads of one layer: give layers.N, or layers.N.attn.pattern.head[H]",
+                             node.target.span, ["layers.0", "layers.0.attn.pattern.head[0]"])
+        point = hooks.point(model, names[0])
+        heads = point.heads if point is not None else None
+        if self.steering or run.extra:
+            run.notes.append("attention patterns are read without the interventions in force")
+        result = head_attention(model, text, layers.pop(), heads)
+        if node.plot is not None:
+            result.plot = self.plotting(result.save_plot, node.plot, node.overwrite)
+        return self.with_notes(result, run)
+
     def do_generate(self, node: ast.Generate, run: Run):
         from mlxterp.generate import generate
 
@@ -669,6 +772,8 @@ class Session:
 
     def do_patch(self, node: ast.Patch, run: Run):
         model = self.need_model(node)
+        if node.component.text == "heads":
+            return self.patch_heads(node, run)
         metric = node.metric.value if node.metric else "l2"
         layers = self.layer_indices(node.layers)
         component = node.component.text
@@ -686,6 +791,9 @@ class Session:
         run.notes.extend(self.answer_warnings(node.answers or []))
         if run.should_stop is not None and run.should_stop():
             raise Interrupted("stopped before the patching sweep ran")
+        if not node.force:
+            passes = len(layers if layers is not None else range(model.n_layers)) * len(positions or [None])
+            self.refuse_long_sweep(model, node, passes, max(len(clean_tokens), len(corrupt_tokens)))
         interventions, _ = self.interventions_in_force(run)
         try:
             result = model.activation_patching(node.clean.value, node.corrupt.value, component=component,
@@ -696,6 +804,20 @@ class Session:
         if node.plot is not None:
             result.plot = self.plotting(result.save_plot, node.plot, getattr(node, "overwrite", False))
         return self.with_notes(result, run)
+
+    def refuse_long_sweep(self, model, statement, passes: int, n_tokens: int) -> None:
+        """A sweep of many forward passes whose estimate (passes x one timed forward pass) is over
+        a minute ($MLXTERP_LONG_SWEEP_SECONDS) is refused unless the statement says `force`."""
+        if passes < 32:
+            return
+        limit = float(os.environ.get("MLXTERP_LONG_SWEEP_SECONDS", 60))
+        started = time.perf_counter()
+        mx.eval(model.model(mx.array([[0] * n_tokens])))
+        estimate = passes * (time.perf_counter() - started)
+        if estimate > limit:
+            raise QueryError(f"this sweep runs {passes:,} forward passes of {n_tokens} tokens: about "
+                             f"{estimate:,.0f} s, over {limit:g} s. Add `force` to run it anyway, or narrow "
+                             "`layers` or `@`", statement.span, ["force"])
 
     def patch_positions(self, node, clean_tokens: list[str], corrupt_tokens: list[str]) -> list[int]:
         """The positions of `patch ... @ POSITION` (`selection.select_patch`'s rule)."""
@@ -726,6 +848,14 @@ class Session:
         """A directory a statement reads (relative to the workdir); `demo` names the bundled one."""
         if string.value == "demo":
             return "demo"
+        if not self.may_read:
+            raise QueryError("a TCP client reads directories only under the daemon's --write-root (this daemon "
+                             "has none): use `demo`, or start the daemon with --write-root DIR", string.span, ["demo"])
+        if self.read_root is not None:
+            try:
+                return str(safe_files.resolve_under(self.read_root, string.value))
+            except safe_files.UnsafePath as error:
+                raise QueryError(str(error), string.span) from None
         path = Path(string.value).expanduser()
         if not path.is_absolute() and self.workdir is not None:
             path = self.workdir / path
@@ -802,7 +932,7 @@ class Session:
 
         model = self.need_model(node)
         _, sae = self.sae_for(node.target)
-        text, ids, tokens = self.resolve_input(node.input, node)
+        _, ids, tokens = self.resolve_input(node.input, node)
         if node.position is None:
             position = len(ids) - 1
         else:

@@ -210,6 +210,11 @@ class Parser:
             raise QueryError("answers go with metric logit_diff: add 'metric logit_diff'",
                              node.answers[0].span.to(node.answers[1].span), ["metric logit_diff"])
 
+    def check_dla(self, node, first):
+        if node.answer is not None and node.answers is not None:
+            raise QueryError("give either answer \"A\" (its logit) or answers \"A\" \"B\" (their difference), not both",
+                             node.answer.span, ["answer", "answers"])
+
     def check_export(self, node, first):
         if isinstance(node.source, ast.Var) and (node.position or node.input):
             self.fail("'@' and 'in' apply to a module path, not to a saved $name", token=first)

@@ -69,8 +69,9 @@ def layer_range(n_layers: int | None) -> list[str]:
 
 
 def patch_component(text: str) -> str | None:
-    """The module name that must resolve for `patch COMPONENT` (None: `layer`/`output` need none)."""
-    return None if text in ("layer", "output") else f"layers.0.{text}"
+    """The module name that must resolve for `patch COMPONENT` (None: `layer`/`output` need none, nor
+    `heads`, which patches each attention head's z)."""
+    return None if text in ("layer", "output", "heads") else f"layers.0.{text}"
 
 
 def unknown_component(component: ast.Path, error: UnknownModuleError) -> QueryError:

@@ -5,10 +5,10 @@ if exists("b:current_syntax")
   finish
 endif
 
-syntax keyword mlxqStatement load prompt tokens save lens predict patch sae features heads causal generate with steer let ls stats export info help
+syntax keyword mlxqStatement load prompt tokens save lens predict patch sae features heads causal generate dla attribute attention with steer let ls stats export info help
 syntax keyword mlxqIntervention zero scale clamp noise add replace ablate amplify inject
 " options only after a space and not before `.` or `=`: `layers 0..3` is an option, `layers.3` a path
-syntax match mlxqOption "\s\@<=\<\%(answer\|answers\|as\|clean\|clear\|corrupt\|first\|ignore_eos\|in\|induction\|layers\|load\|metric\|overwrite\|plot\|previous\|seed\|subject\|to\|top\|tuned\)\>[.=]\@!"
+syntax match mlxqOption "\s\@<=\<\%(answer\|answers\|as\|clean\|clear\|corrupt\|first\|force\|ignore_eos\|in\|induction\|layers\|load\|metric\|overwrite\|plot\|previous\|seed\|subject\|to\|top\|tuned\)\>[.=]\@!"
 syntax match mlxqMetric "\s\@<=\<\%(l2\|mse\|cosine\|logit_diff\)\>\.\@!"
 syntax match mlxqFunction "\<\%(mean\|norm\)\>\s*(\@="
 syntax match mlxqVariable "\$\h\w*"
