@@ -24,7 +24,8 @@ def _figure(figsize):
     return figure
 
 
-def _output_path(save_path: Optional[str], stem: str) -> str:
+def _output_path(save_path: Optional[str], stem: str, suffix: str = ".png") -> str:
+    """``save_path`` (its directory created), else a new private file in the user's cache."""
     if save_path is not None:
         path = os.fspath(save_path)
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -33,7 +34,7 @@ def _output_path(save_path: Optional[str], stem: str) -> str:
     cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     directory = os.path.join(cache, "mlxterp", "plots")
     os.makedirs(directory, mode=0o700, exist_ok=True)
-    handle, path = tempfile.mkstemp(prefix=f"{stem}-", suffix=".png", dir=directory)
+    handle, path = tempfile.mkstemp(prefix=f"{stem}-", suffix=suffix, dir=directory)
     os.close(handle)
     return path
 

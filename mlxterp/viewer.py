@@ -34,7 +34,7 @@ def attention_viewer(model, text: str, *, layers=None, save_path=None, scores=No
         model: an ``InterpretableModel`` whose attention ``get_attention_patterns`` supports.
         text: one prompt.
         layers: a layer index or list of them; ``None`` for all.
-        save_path: where to write the page (default: a new file in the temp directory).
+        save_path: where to write the page (default: a new file in ~/.cache/mlxterp/plots).
         scores: a ``HeadScores`` (``mlxterp.heads.head_scores``) to show beside each head.
         title: the page's heading (default: the prompt).
     """
@@ -105,18 +105,9 @@ def _scores_for(scores, layers, heads) -> dict:
 
 
 def _output_path(save_path) -> str:
-    import os
-    import tempfile
+    from .plots import _output_path as output_path
 
-    if save_path is not None:
-        path = os.fspath(save_path)
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        return path
-    directory = os.path.join(tempfile.gettempdir(), "mlxterp-plots")
-    os.makedirs(directory, exist_ok=True)
-    handle, path = tempfile.mkstemp(prefix="attention-", suffix=".html", dir=directory)
-    os.close(handle)
-    return path
+    return output_path(save_path, "attention", suffix=".html")
 
 
 PAGE = """<!DOCTYPE html>

@@ -603,6 +603,7 @@ async def execute(ls: MlxqServer, document: Document, pieces: list, code: str, l
                     finding = run_finding(document, pieces, line, error)
                     if finding is not None:
                         ls.run_errors[uri].append((finding, document.lines[finding.range[0]]))
+                        outcome["line"] = finding.range[0]  # 0-based, so an editor can say where
             elif kind == "done" and frame.get("status") == "interrupted":
                 outcome.update(ok=False, status="interrupted")
         outcome["lost"] = client.closed

@@ -126,6 +126,28 @@ local function main()
   end
   step("hover")
 
+  -- the whole file with an error on its third line: the message names that line
+  local notes = {}
+  local notify = vim.notify
+  vim.notify = function(message, level)
+    table.insert(notes, message)
+    return notify(message, level)
+  end
+  vim.api.nvim_buf_set_lines(buf, 0, -1, false,
+    { 'prompt "The capital of France is"', "save layers.8 @ -1", 'save layers.8 @ "Germany"' })
+  vim.cmd("MlxqRunFile")
+  wait_for("the run's error message", function()
+    for _, note in ipairs(notes) do
+      if note:find("Germany", 1, true) then
+        return true
+      end
+    end
+    return false
+  end)
+  vim.notify = notify
+  out.run_file_notes = notes
+  step("run file error")
+
   -- a Python buffer: the same server attaches; checks and completion inside mlxterp names
   vim.cmd("edit " .. vim.fn.fnameescape(env.MLXQ_PY_FILE))
   local py = vim.api.nvim_get_current_buf()

@@ -99,6 +99,10 @@ def test_neovim_plugin_against_a_real_daemon(tmp_path, daemon):
     assert edited[4]["group"] == "MlxqResultStale" and edited[4]["text"].startswith("(stale)")
     assert edited[1]["group"] == "MlxqResult"
 
+    # :MlxqRunFile's error says which line of the file it is on (the third)
+    [note] = [n for n in seen["run_file_notes"] if "Germany" in n]
+    assert note.startswith("mlxq: line 3: no token of the input matches 'Germany'"), note
+
     ran = at_lines(seen["after_run_file"])
     assert set(ran) == {0, 1, 3} and {r["group"] for r in ran.values()} == {"MlxqResult"}
 
@@ -111,8 +115,8 @@ def test_neovim_plugin_against_a_real_daemon(tmp_path, daemon):
     assert PYTHON_SOURCE.split("\n")[1][unknown["col"]:unknown["end_col"]] == "layrs.8"
     assert {"mlp", "self_attn"} <= set(seen["py_completion"]), seen["py_completion"]
 
-    status = "\n".join(seen["status"])
-    assert "daemon connected" in status and str(daemon.proc.pid) in status, status
+    status = seen["status"]  # the plugin's own line first; then `mlxterp status`
+    assert f"daemon pid {daemon.proc.pid}, connected" in status[0], status
 
 
 def test_help_file_has_a_tag_for_every_command(tmp_path):

@@ -211,3 +211,28 @@ def test_the_daemons_memory_stays_bounded_over_500_mixed_queries(tmp_path):
             assert sizes[-1] - sizes[1] < 16e6, f"RSS still grows: {[round(s / 1e6) for s in sizes]} MB"
     finally:
         served.stop()
+
+
+# --- item 15: `patch` components -------------------------------------------------------
+
+def test_patch_completion_offers_only_components_and_the_error_lists_layer_and_attn(demo_model):
+    from mlxterp_repl.dsl import QueryError, Session, complete
+
+    session = Session(demo_model)
+    context = session.completion_context()
+    offered = {c.label for c in complete("patch ", 6, context)}
+    assert {"layer", "heads", "mlp", "attn", "self_attn", "input_layernorm"} <= offered, offered
+    # what patching cannot take: whole-model modules, layer indices and patterns
+    assert not offered & {"output", "layers", "embed_tokens", "norm", "lm_head", "*", "0..15", "8"}, offered
+    inside = {c.label for c in complete("patch self_attn.", 16, context)}
+    assert {"q_proj", "o_proj"} <= inside and not inside & {"layers", "*"}, inside
+    text = "with steer layers.6 scale 2\n  patch m"
+    in_a_with = {c.label for c in complete(text, len(text), context)}
+    assert in_a_with == {"mlp", "mlp_out"}, in_a_with
+
+    code = 'patch foo clean "Paris is" corrupt "Rome is"'
+    with pytest.raises(QueryError) as raised:
+        session.execute(code)
+    assert {"layer", "attn", "mlp"} <= set(raised.value.suggestions), raised.value.suggestions
+    for component in raised.value.suggestions:  # every name offered is one patch takes
+        session.execute(f'patch {component} clean "Paris is" corrupt "Rome is" layers 0..1')

@@ -51,6 +51,14 @@ stats layers.5
 save layers.99.mlp @ -1
 """
 SAVE_LINE, STATS_LINE, OUT_OF_RANGE_LINE = 3, 4, 5  # 1-based, as VS Code numbers them
+PYTHON_FILE = "analysis.py"  # served too, since mlxq.pythonFiles is on (only inside mlxterp names)
+PYTHON = """\
+from mlxterp import InterpretableModel
+
+model = InterpretableModel("demo")
+with model.trace("The capital of France is") as trace:
+    pass
+"""
 
 # Where the workbench shows things (VS Code's DOM, stable across recent releases)
 CODE_LENS = ".contentWidgets .codelens-decoration a"
@@ -260,6 +268,7 @@ def workbench(extension_dependencies, tmp_path_factory):
     workspace = home / "workspace"
     workspace.mkdir()
     (workspace / QUERY_FILE).write_text(QUERY)
+    (workspace / PYTHON_FILE).write_text(PYTHON)
     settings = {
         "mlxq.command": str(MLXTERP), "mlxq.runtimeDir": str(runtime_dir), "mlxq.model": MODEL,
         "workbench.startupEditor": "none", "security.workspace.trust.enabled": False,
@@ -353,6 +362,14 @@ def test_completion_after_save_layers_8_offers_its_children(workbench):
     with workbench.checking("completion"):
         labels = completion_labels(workbench, QUERY_FILE, OUT_OF_RANGE_LINE, "\nsave layers.8.", expect="self_attn")
         assert {"mlp", "self_attn"} <= set(labels), labels
+
+
+def test_completion_inside_trace_activations_in_a_python_file(workbench):
+    with workbench.checking("completion in a Python file"):
+        labels = completion_labels(workbench, PYTHON_FILE, 5, '\nacts = trace.activations["layers.8.',
+                                   expect="self_attn")
+        assert {"mlp", "self_attn"} <= set(labels), labels
+        open_file(workbench, QUERY_FILE)  # back to the query file, where the next checks look
 
 
 def test_a_daemon_killed_mid_session_comes_back(workbench):

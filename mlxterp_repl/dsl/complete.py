@@ -53,7 +53,10 @@ def complete(text: str, offset: int, context: CompletionContext | None = None) -
     parser = Parser(prefix[:start])
     parser.parse_all()
     seen, out = set(), []
+    patching = _statement_word(prefix[:start]) == "patch"
     for kind, payload in parser.expected:
+        if kind == "path" and patching:
+            kind = "component"  # `patch COMPONENT`: a module inside every layer, not a model path
         for item in _candidates(kind, payload, context, in_string):
             if item.label in seen or not _matches(item, word, in_string):
                 continue
@@ -61,6 +64,16 @@ def complete(text: str, offset: int, context: CompletionContext | None = None) -
             item.start = start
             out.append(item)
     return out
+
+
+def _statement_word(before: str) -> str:
+    """The first word of the statement the cursor is in (its line, or the line a `\\` continues)."""
+    lines = before.split("\n")
+    index = len(lines) - 1
+    while index > 0 and lines[index - 1].rstrip().endswith("\\"):
+        index -= 1
+    words = lines[index].split()
+    return words[0] if words else ""
 
 
 def _in_comment(prefix: str) -> bool:
@@ -128,6 +141,8 @@ def _candidates(kind: str, payload, context: CompletionContext, in_string: bool)
         return [Completion(name, "variable") for name in names]
     if kind == "path":
         return _module_candidates(payload, context)
+    if kind == "component":
+        return _component_candidates(payload, context)
     if kind == "position":
         fixed = [Completion("-1", "value", "last token"), Completion("*", "value", "all positions")]
         return fixed + _token_candidates(context)
@@ -145,6 +160,16 @@ def _token_candidates(context: CompletionContext) -> list[Completion]:
             quoted = json.dumps(word, ensure_ascii=False)
             out.append(Completion(quoted, "token", f"position {position}: {token!r}"))
     return out
+
+
+def _component_candidates(prefix: str, context: CompletionContext) -> list[Completion]:
+    """What `patch` takes: `layer`, `heads`, or a module inside a layer (`mlp`, `self_attn.q_proj`),
+    named as below layer 0 (every layer has the same ones)."""
+    out = [] if prefix else [Completion("layer", "component", "the whole block"),
+                             Completion("heads", "component", "each attention head's z")]
+    inside = [c for c in _module_candidates("layers.0." + prefix, context)
+              if not c.label[0].isdigit() and c.label not in ("*", "output")]
+    return out + inside
 
 
 def _module_candidates(prefix: str, context: CompletionContext) -> list[Completion]:

@@ -247,7 +247,7 @@ class Session:
         asked for (`should_stop()`) is checked between statements: Interrupted, with `.results`."""
         try:
             with paused_gc(len(text) > 100_000):
-                parsed = parse(text)
+                parsed = parse(text, should_stop)
         except RecursionError:
             error = QueryError("this text is nested too deeply to read: split long expressions into several "
                                "`let` statements", Span(1, 1, 1, 2))

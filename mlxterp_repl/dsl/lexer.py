@@ -85,9 +85,11 @@ def _continues(source: str, i: int) -> bool:
     return rest.strip(" \t\r") == ""
 
 
-def tokenize(source: str) -> tuple[list[Token], list[QueryError]]:
-    """All tokens of `source` (ending with EOF) and the lexical errors met on the way."""
+def tokenize(source: str, should_stop=None) -> tuple[list[Token], list[QueryError]]:
+    """All tokens of `source` (ending with EOF) and the lexical errors met on the way.
+    `should_stop()` is asked every 1,000 lines (a huge text is read interruptibly)."""
     index = LineIndex(source)
+    lines = 0
     tokens: list[Token] = []
     errors: list[QueryError] = []
     i, n = 0, len(source)
@@ -104,6 +106,11 @@ def tokenize(source: str) -> tuple[list[Token], list[QueryError]]:
             add("NEWLINE", i, i + 1)
             space = True
             i += 1
+            lines += 1
+            if should_stop is not None and lines % 1000 == 0 and should_stop():
+                from mlxterp.errors import Interrupted
+
+                raise Interrupted(f"stopped while reading the text (line {lines:,})")
         elif ch.isspace():
             space = True
             i += 1

@@ -19,9 +19,10 @@ from mlxterp_repl.dsl.lexer import Token, tokenize
 WITH_BODIES = with_bodies()
 
 
-def parse(text: str) -> ParseResult:
-    """Parse a whole text: the statements that parsed, and one error per line that did not."""
-    parser = Parser(text)
+def parse(text: str, should_stop=None) -> ParseResult:
+    """Parse a whole text: the statements that parsed, and one error per line that did not.
+    `should_stop()`, when given, is asked now and then; True raises mlxterp.errors.Interrupted."""
+    parser = Parser(text, should_stop)
     return parser.parse_all()
 
 
@@ -42,9 +43,10 @@ def describe(token: Token) -> str:
 
 
 class Parser:
-    def __init__(self, source: str):
+    def __init__(self, source: str, should_stop=None):
         self.source = source
-        self.tokens, self.lex_errors = tokenize(source)
+        self.should_stop = should_stop
+        self.tokens, self.lex_errors = tokenize(source, should_stop)
         self.pos = 0
         # notes of what would be accepted at the end of the text: (kind, payload)
         self.expected: list[tuple[str, object]] = []
@@ -102,6 +104,10 @@ class Parser:
         while True:
             while self.peek().kind == "NEWLINE":
                 self.advance()
+            if self.should_stop is not None and len(result.statements) % 1000 == 999 and self.should_stop():
+                from mlxterp.errors import Interrupted
+
+                raise Interrupted(f"stopped while reading the text ({len(result.statements):,} statements read)")
             if self.peek().kind == "EOF":
                 if self.pos == 0 or self.previous().kind == "NEWLINE":
                     self.note("statement")

@@ -77,8 +77,9 @@ def patch_component(text: str) -> str | None:
 def unknown_component(component: ast.Path, error: UnknownModuleError) -> QueryError:
     """The error for a `patch` component that names no module inside the layers."""
     names = sorted({s.split(".", 2)[2] for s in error.suggestions if s.count(".") >= 2})
+    always = ["layer", "attn", "mlp"]  # the components most patching starts with, whatever was typed
     return QueryError(f"no component {component.text!r} in the layers", component.span,
-                      names or ["mlp", "attn", "mlp.gate_proj", "self_attn.q_proj"])
+                      names + [name for name in always if name not in names])
 
 
 def select_patch(node, clean_tokens: list[str], corrupt_tokens: list[str]) -> list[int]:

@@ -218,7 +218,8 @@ end
 
 local function report(result)
   if type(result) == "table" and result.ok == false and result.status ~= "interrupted" then
-    notify(result.error or result.status or "the query failed", vim.log.levels.WARN)
+    local where = type(result.line) == "number" and ("line %d: "):format(result.line + 1) or ""
+    notify(where .. (result.error or result.status or "the query failed"), vim.log.levels.WARN)
   end
 end
 
@@ -270,9 +271,11 @@ function M.status(on_done)
     if err or type(info) ~= "table" then
       table.insert(lines, "language server: running, no answer (" .. (err and err.message or "?") .. ")")
     else
-      table.insert(lines, ("language server: mlxterp-lsp %s, pid of daemon %s, %s"):format(
-        tostring(info.version), tostring(info.daemon_pid),
-        info.daemon_connected and "daemon connected" or "daemon not connected"))
+      local daemon = "daemon not connected"
+      if info.daemon_connected then
+        daemon = ("daemon pid %s, connected"):format(tostring(info.daemon_pid))
+      end
+      table.insert(lines, ("language server: mlxterp-lsp %s, %s"):format(tostring(info.version), daemon))
       if info.last_error and info.last_error ~= vim.NIL then
         table.insert(lines, "last error: " .. tostring(info.last_error))
       end
