@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Iterable, Optional, Sequence, Union
 
 import numpy as np
@@ -138,16 +138,18 @@ class CausalTrace(Result):
 
     def body(self):
         from rich.console import Group
-        from rich.table import Table
         from rich.text import Text
 
         from .results import sparkline
 
-        table = Table(title=self.heading(), title_justify="left")
-        table.add_column("position", justify="left", no_wrap=True)
+        from .results import Column, FitTable
+
+        # the sparklines go first when the terminal is narrow; numbers and labels are never cut
+        span = f"L{self.layers[0]}..{self.layers[-1]}"
+        columns = [Column("position")]
         for kind in self.kinds:
-            table.add_column(f"{kind}: best layer, p", justify="right")
-            table.add_column(f"over layers {self.layers[0]}..{self.layers[-1]}", justify="left")
+            columns += [Column(f"{kind}: best layer, p", "right"), Column(f"{kind} {span}", drop=1)]
+        rows = []
         for position, label in enumerate(self.position_labels()):
             cells = []
             for kind in self.kinds:
@@ -157,7 +159,8 @@ class CausalTrace(Result):
                 style = "bold green" if effect > 0.5 * max(self.clean_probability - self.corrupted_probability, 1e-9) else ""
                 cells += [Text(f"L{self.layers[row]} {column[row]:.3f}", style=style),
                           Text(sparkline(column, width=24), style="cyan")]
-            table.add_row(f"{position} {label}", *cells)
+            rows.append([f"{position} {label}", *cells])
+        table = FitTable(columns, rows, title=Text(self.heading()))
         parts = [table] + ([Text(f"plot: {self.plot}", style="dim")] if self.plot else [])
         return Group(*parts) if len(parts) > 1 else table
 

@@ -110,21 +110,21 @@ class HeadScores(Result):
 
     def body(self):
         from rich.console import Group
-        from rich.table import Table
         from rich.text import Text
 
-        table = Table(title=f"head scores (mean attention) on {self.described()}", title_justify="left")
-        table.add_column("layer", justify="right")
-        table.add_column("head", justify="right")
-        for kind in self.kinds:
-            table.add_column(kind.replace("_", "-"), justify="right")
+        from .results import Column, FitTable
+
+        # one row label per head (layer.head), so rows stay distinct however narrow the terminal
+        columns = [Column("layer.head")] + [Column(kind.replace("_", "-"), "right") for kind in self.kinds]
+        rows = []
         for row, layer in enumerate(self.layers):
             for head in range(self.n_heads):
                 cells = []
                 for kind in self.kinds:
                     value = float(self.scores[kind][row, head])
                     cells.append(Text(f"{value:.3f}", style="bold green" if value >= 0.4 else ""))
-                table.add_row(str(layer), str(head), *cells)
+                rows.append([f"{layer}.{head}", *cells])
+        table = FitTable(columns, rows, title=Text(f"head scores (mean attention) on {self.described()}"))
         parts = [table]
         if self.plot:
             parts.append(Text(f"plot: {self.plot}", style="dim"))

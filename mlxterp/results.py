@@ -415,6 +415,11 @@ RESULT_MODULES = {
     "active_features": "mlxterp.lens_sae_results",
     "heads": "mlxterp.heads",
     "causal_trace": "mlxterp.causal_tracing",
+    "generation": "mlxterp.generation_results",
+    "dla": "mlxterp.attribution_results",
+    "head_patching": "mlxterp.attribution_results",
+    "attribution": "mlxterp.attribution_results",
+    "head_attention": "mlxterp.attribution_results",
 }
 
 

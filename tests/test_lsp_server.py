@@ -127,7 +127,7 @@ async def test_completion_lists_modules_names_tokens_and_statements_with_kind_an
     tokens = await completion(lsp, 4, 17, '"')
     assert '"France"' in tokens and tokens['"France"'].kind == types.CompletionItemKind.Constant
     statements = await completion(lsp, 5, 2)
-    assert set(statements) == {"save"} and statements["save"].kind == types.CompletionItemKind.Keyword
+    assert set(statements) == {"save", "sae"} and statements["save"].kind == types.CompletionItemKind.Keyword
 
 
 async def wait_for_items(client, line, character, trigger):

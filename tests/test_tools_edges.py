@@ -17,8 +17,6 @@ import pytest
 from daemon_support import daemon_env
 from mlxterp_repl import paths as daemon_files
 
-ROOT = Path(__file__).resolve().parent.parent
-
 
 def mlxterp(*args: str, cwd: Path, env: dict | None = None, timeout: float = 120,
             **popen) -> subprocess.CompletedProcess:
@@ -161,7 +159,6 @@ def test_a_daemon_started_for_you_stops_after_30_idle_minutes_and_serve_never(tm
     # `mlxterp serve` keeps running unless given one
     from daemon_support import start_daemon
 
-    env = daemon_env(tmp_path / "rt3")
     served = start_daemon(tmp_path / "rt3")
     try:
         with connect(runtime_dir=tmp_path / "rt3", autostart=False) as client:

@@ -364,14 +364,6 @@ def test_completion_after_save_layers_8_offers_its_children(workbench):
         assert {"mlp", "self_attn"} <= set(labels), labels
 
 
-def test_completion_inside_trace_activations_in_a_python_file(workbench):
-    with workbench.checking("completion in a Python file"):
-        labels = completion_labels(workbench, PYTHON_FILE, 5, '\nacts = trace.activations["layers.8.',
-                                   expect="self_attn")
-        assert {"mlp", "self_attn"} <= set(labels), labels
-        open_file(workbench, QUERY_FILE)  # back to the query file, where the next checks look
-
-
 def test_a_daemon_killed_mid_session_comes_back(workbench):
     with workbench.checking("daemon killed"):
         before = daemon_pid(workbench.runtime_dir)
@@ -406,3 +398,11 @@ def test_a_bad_command_gets_a_toast_naming_it_with_the_log_one_click_away(workbe
         open_file(workbench, QUERY_FILE)
         lenses = workbench.texts(CODE_LENS, contains="Run file", timeout=30)
         assert any("Run file" in t for t in lenses), f"the server did not come back with the right command: {lenses}"
+
+
+def test_completion_inside_trace_activations_in_a_python_file(workbench):
+    # last: the Python file's tab stays open, and the checks above look at the query file's
+    with workbench.checking("completion in a Python file"):
+        labels = completion_labels(workbench, PYTHON_FILE, 5, '\nacts = trace.activations["layers.8.',
+                                   expect="self_attn")
+        assert {"mlp", "self_attn"} <= set(labels), labels
