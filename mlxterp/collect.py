@@ -36,7 +36,7 @@ import mlx.core as mx
 from . import distributed
 from .analysis import layer_list
 from .attention import token_axis
-from .errors import InputError
+from .errors import InputError, Interrupted
 
 PROGRESS_AFTER_SECONDS = 2.0
 SHARD_INDEX = "index"
@@ -74,7 +74,8 @@ def get_activations(model, prompts, layers=None, positions: Union[None, int, Seq
 
 def batch_get_activations(model, prompts, layers=None, batch_size: Optional[int] = 32,
                           positions: Union[None, int, Sequence[int]] = -1, out: Optional[Union[str, Path]] = None,
-                          shard_size: Optional[int] = 4096, progress: Optional[bool] = None, group=None):
+                          shard_size: Optional[int] = 4096, progress: Optional[bool] = None, group=None,
+                          should_stop=None):
     """``get_activations`` over ``prompts`` in batches of ``batch_size``.
 
     Returns ``{key: array (n, ...)}`` in the order of ``prompts``; with ``out``
@@ -84,7 +85,9 @@ def batch_get_activations(model, prompts, layers=None, batch_size: Optional[int]
     split the prompts over the processes of an ``mx.distributed`` group (every
     process calls this with the same arguments); the bar shows on process 0.
     ``layers`` and ``positions`` as ``get_activations`` takes them; ``None`` for
-    ``batch_size``/``shard_size``/``positions`` is their default.
+    ``batch_size``/``shard_size``/``positions`` is their default. ``should_stop()`` is asked
+    before each batch of a run in one process; when it says True the run raises ``Interrupted``
+    (shards already written stay, and the same call resumes from them).
     """
     batch_size = 32 if batch_size is None else batch_size
     shard_size = 4096 if shard_size is None else shard_size
@@ -92,6 +95,9 @@ def batch_get_activations(model, prompts, layers=None, batch_size: Optional[int]
     prompts = _prompt_list(prompts)
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise InputError(f"batch_size must be a positive integer, got {batch_size!r}")
+    if should_stop is not None and distributed.is_distributed(group):
+        # processes hold different numbers of batches: a per-batch vote would wait forever
+        raise InputError("should_stop= works in one process; stop a split collection by ending its launcher")
     shard_size = max(batch_size, (shard_size // batch_size) * batch_size)
     rank, size = (group.rank(), group.size()) if group is not None else (0, 1)
     starts = list(range(0, len(prompts), shard_size))
@@ -119,6 +125,9 @@ def batch_get_activations(model, prompts, layers=None, batch_size: Optional[int]
             window.sort(key=lambda i: len(prompts[i]))
             pieces: Dict[str, List[Tuple[List[int], mx.array]]] = {}
             for b in range(0, len(window), batch_size):
+                if should_stop is not None and should_stop():
+                    raise Interrupted(f"collection stopped before prompt {start + b} of {len(prompts)}"
+                                      + ("; the shards written so far are kept, and the same call resumes" if out else ""))
                 rows = window[b:b + batch_size]
                 acts = get_activations(model, [prompts[i] for i in rows], layers, positions)
                 for key, value in acts.items():

@@ -37,6 +37,7 @@ from pathlib import Path
 from mlxterp_repl import ops, sharded
 from mlxterp_repl import paths as daemon_files
 from mlxterp_repl import protocol as p
+from mlxterp_repl.safe_files import UnsafePath
 
 DEFAULT_CACHE_MB = 512
 BLOB_BUDGET = 256 * 1024 * 1024  # bytes of fetchable big arrays kept, all connections together
@@ -743,6 +744,9 @@ def serve_main(argv: list[str] | None = None) -> int:
         return 1
     try:
         asyncio.run(daemon.serve())
+    except (UnsafePath, OSError) as exc:  # a file of its own it cannot write (a link planted in its place, a full disk)
+        print(f"mlxterp serve: {exc}", file=sys.stderr)
+        return 1
     finally:
         daemon.cleanup()
     sys.stderr.flush()

@@ -78,3 +78,28 @@ def test_bad_requests_are_clear_errors(demo_model, tmp_path):
         batch_get_activations(demo_model, PROMPTS, layers=[1], batch_size=0)
     with pytest.raises(InputError, match="meta.json"):
         load_activations(tmp_path)
+
+
+def test_collection_stops_between_batches_and_resumes_from_its_shards(tmp_path):
+    from mlxterp import InterpretableModel, batch_get_activations
+    from mlxterp.collect import load_activations
+    from mlxterp.errors import Interrupted
+
+    model = InterpretableModel("demo")
+    prompts = [f"The capital of France is {i}" for i in range(12)]
+    asked = []
+
+    def stop_on_the_third_ask():
+        asked.append(1)
+        return len(asked) >= 3
+
+    with pytest.raises(Interrupted, match="resumes"):
+        batch_get_activations(model, prompts, [3], batch_size=2, shard_size=4, out=tmp_path / "acts",
+                              progress=False, should_stop=stop_on_the_third_ask)
+    assert len(asked) == 3  # asked before each batch: two batches ran, the third was refused
+    done = batch_get_activations(model, prompts, [3], batch_size=2, shard_size=4, out=tmp_path / "acts", progress=False)
+    whole = batch_get_activations(model, prompts, [3], batch_size=2, progress=False)
+    loaded = load_activations(done)
+    assert set(loaded) == set(whole)
+    for key in whole:
+        assert np.allclose(np.array(loaded[key]), np.array(whole[key]), atol=1e-5)

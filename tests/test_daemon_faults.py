@@ -572,3 +572,18 @@ def test_a_forward_pass_over_the_memory_budget_is_refused(monkeypatch):
         session.execute(f'lens in "{words(200)}"')
     monkeypatch.delenv("MLXTERP_QUERY_MEMORY_MB")
     assert session.execute('lens in "Paris is" top 1')
+
+
+def test_a_link_planted_as_the_connection_file_is_a_one_line_refusal(tmp_path):
+    runtime = tmp_path / "run"
+    runtime.mkdir(mode=0o700)
+    target = tmp_path / "elsewhere.json"
+    target.write_text("untouched")
+    (runtime / "connection.json").symlink_to(target)
+    env = dict(os.environ, MLXTERP_NO_OPENBLAS="1")
+    done = subprocess.run([sys.executable, "-m", "mlxterp_repl.daemon", "--runtime-dir", str(runtime),
+                           "--tcp", "127.0.0.1:0"], capture_output=True, text=True, timeout=120, env=env)
+    assert done.returncode == 1, done.stderr
+    assert "Traceback" not in done.stderr
+    assert "symbolic link" in done.stderr and "connection.json" in done.stderr
+    assert target.read_text() == "untouched"
