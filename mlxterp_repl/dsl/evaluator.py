@@ -519,6 +519,11 @@ class Session:
             where = f"at {len(chosen)} positions " * (len(chosen) > 8) + "at " * (len(chosen) <= 8) + ", ".join(shown)
         return arrays, f"{where} of {prompt_label(text)}"
 
+    def plotted(self, result, node) -> None:
+        """Draw the result's plot when the statement says `plot [to FILE] [overwrite]`."""
+        if node.plot is not None:
+            result.plot = self.plotting(result.save_plot, node.plot, getattr(node, "overwrite", False))
+
     def with_notes(self, result, run: Run):
         result.notes.extend(note for note in run.notes if note not in result.notes)
         texts = [node.canonical() for node, _, _ in self.steering + run.extra]
@@ -663,8 +668,7 @@ class Session:
                                    positions=positions, interventions=interventions, should_stop=run.should_stop)
         except MlxterpError as error:
             raise QueryError(str(error), node.clean.span.to(node.corrupt.span)) from None
-        if node.plot is not None:
-            result.plot = self.plotting(result.save_plot, node.plot, node.overwrite)
+        self.plotted(result, node)
         return self.with_notes(result, run)
 
     def do_dla(self, node: ast.Dla, run: Run):
@@ -681,8 +685,7 @@ class Session:
         interventions, _ = self.interventions_in_force(run)
         result = direct_logit_attribution(model, text, answer, wrong, layers=self.layer_indices(node.layers),
                                           interventions=interventions)
-        if node.plot is not None:
-            result.plot = self.plotting(result.save_plot, node.plot, node.overwrite)
+        self.plotted(result, node)
         return self.with_notes(result, run)
 
     def do_attribute(self, node: ast.Attribute, run: Run):
@@ -698,8 +701,7 @@ class Session:
                                           layers=self.layer_indices(node.layers))
         except MlxterpError as error:
             raise QueryError(str(error), node.clean.span.to(node.corrupt.span)) from None
-        if node.plot is not None:
-            result.plot = self.plotting(result.save_plot, node.plot, node.overwrite)
+        self.plotted(result, node)
         return self.with_notes(result, run)
 
     def do_attention(self, node: ast.Attention, run: Run):
@@ -719,8 +721,7 @@ class Session:
         if self.steering or run.extra:
             run.notes.append("attention patterns are read without the interventions in force")
         result = head_attention(model, text, layers.pop(), heads)
-        if node.plot is not None:
-            result.plot = self.plotting(result.save_plot, node.plot, node.overwrite)
+        self.plotted(result, node)
         return self.with_notes(result, run)
 
     def do_generate(self, node: ast.Generate, run: Run):
@@ -766,8 +767,7 @@ class Session:
                                   position=chosen[0] if single else chosen, hidden_states=hidden, **tuned)
         if node.tuned is not None:
             result.notes.append(f"tuned lens: {node.tuned.value}")
-        if node.plot is not None:
-            result.plot = self.plotting(result.save_plot, node.plot, getattr(node, "overwrite", False))
+        self.plotted(result, node)
         return self.with_notes(result, run)
 
     def do_patch(self, node: ast.Patch, run: Run):
@@ -801,8 +801,7 @@ class Session:
                                                interventions=interventions, should_stop=run.should_stop)
         except MlxterpError as error:
             raise QueryError(str(error), node.clean.span.to(node.corrupt.span)) from None
-        if node.plot is not None:
-            result.plot = self.plotting(result.save_plot, node.plot, getattr(node, "overwrite", False))
+        self.plotted(result, node)
         return self.with_notes(result, run)
 
     def refuse_long_sweep(self, model, statement, passes: int, n_tokens: int) -> None:
@@ -955,8 +954,7 @@ class Session:
         text = self.resolve_input(node.input, node)[0] if node.input is not None else None
         result = head_scores(model, node.kind.value if node.kind else None, text=text,
                              layers=self.layer_indices(node.layers))
-        if node.plot is not None:
-            result.plot = self.plotting(result.save_plot, node.plot, node.overwrite)
+        self.plotted(result, node)
         if self.steering:
             result.notes.append("head scores are measured without the steering in force")
         return result
@@ -974,8 +972,7 @@ class Session:
         except PositionError as error:
             raise QueryError(str(error), node.subject.span, error.suggestions or error.valid) from None
         result.notes.extend(self.answer_warnings([node.answer] if node.answer is not None else []))
-        if node.plot is not None:
-            result.plot = self.plotting(result.save_plot, node.plot, node.overwrite)
+        self.plotted(result, node)
         if self.steering:
             result.notes.append("causal tracing runs without the steering in force")
         return result
