@@ -176,24 +176,19 @@ def _rows(array: mx.array) -> mx.array:
 
 # -- the demo model's sentences ---------------------------------------------------------
 
-DEMO_CORPUS_SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "train_demo_model.py"
+DEMO_CORPUS = Path(__file__).resolve().parent / "assets" / "demo" / "corpus.txt"
 
 
 def demo_texts(seed: int = 0) -> List[str]:
     """The distinct sentences of the demo model's training corpus, shuffled with ``seed``.
 
-    ``scripts/train_demo_model.py`` owns the corpus, so this needs a source checkout.
+    They ship next to the demo model (``assets/demo/corpus.txt``, sorted, one a line), which
+    ``scripts/train_demo_model.py`` writes with the model; tests/test_collect_cli_layers.py
+    checks that the file holds the corpus the script builds.
     """
-    import importlib.util
     import random
 
-    if not DEMO_CORPUS_SCRIPT.exists():
-        raise InputError(f"the demo model's corpus is built by {DEMO_CORPUS_SCRIPT}, which this installation "
-                         "does not have; use a source checkout of mlxterp")
-    spec = importlib.util.spec_from_file_location("train_demo_model", DEMO_CORPUS_SCRIPT)
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
-    texts = sorted({text for text, _ in script.build_corpus(random.Random(0))})
+    texts = DEMO_CORPUS.read_text(encoding="utf-8").splitlines()
     random.Random(seed).shuffle(texts)
     return texts
 

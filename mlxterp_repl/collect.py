@@ -33,7 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("prompts", help="prompt file: .txt (one per line), .jsonl or .json")
     parser.add_argument("--model", default="demo", help="'demo', an mlx-lm model directory or a hub id (default: demo)")
     parser.add_argument("--layers", required=True,
-                        help="comma-separated layer indices (8, -1, 0..15) and module names (layers.5.mlp)")
+                        help="comma-separated layer indices (8, -1, 0..15) and module names or patterns "
+                             "(layers.5.mlp, layers.[1,2].attn)")
     parser.add_argument("--positions", default="-1",
                         help="comma-separated token positions of each prompt (default: -1), or 'all': every token, "
                              "one row per token, as tuned lens and SAE training read (docs/sae.md)")
@@ -80,25 +81,6 @@ def read_prompts(path: Path) -> list:
     return prompts
 
 
-def parse_layers(model, text: str) -> list:
-    """``3,8,-1,0..5,layers.5.mlp,layers.*.attn`` -> layer indices and module names."""
-    from mlxterp.core.paths import parse_layers as layer_selection
-    from mlxterp.errors import InputError
-
-    layers: list = []
-    for part in (p.strip() for p in text.split(",")):
-        if not part:
-            continue
-        selection = layer_selection(part)  # 3, -1, 0..5, 7..0: mlxterp.core's layer rule
-        if selection is not None and selection.kind in ("index", "range"):
-            layers.extend(selection.indices(model.n_layers))
-        else:
-            layers.extend(model.short_name(full) for full in model.expand(part))
-    if not layers:
-        raise InputError("--layers names no layer; e.g. --layers 3,8 or --layers layers.5.mlp")
-    return layers
-
-
 def parse_positions(text: str):
     from mlxterp.errors import InputError
 
@@ -124,7 +106,7 @@ def main(args: list[str]) -> int:
     try:
         prompts = read_prompts(Path(options.prompts))
         model = InterpretableModel(options.model)
-        layers = parse_layers(model, options.layers)
+        layers = options.layers  # mlxterp.collect's one layer rule reads the string, lists like [1,2] included
         if options.positions.strip() == "all":
             return _collect_every_token(model, prompts, layers, options, size, started)
         positions = parse_positions(options.positions)

@@ -332,6 +332,11 @@ def check_single_tokens(tokenizer):
         )
 
 
+def save_corpus(corpus, out):
+    """The distinct sentences, sorted, one a line: what mlxterp.training.demo_texts reads."""
+    (out / "corpus.txt").write_text("".join(text + "\n" for text in sorted({t for t, _ in corpus})), encoding="utf-8")
+
+
 def save_tokenizer(tokenizer, out):
     """Write tokenizer.json and the two small files transformers (4 and 5) and mlx-lm read."""
     tokenizer.save(str(out / "tokenizer.json"))
@@ -494,6 +499,7 @@ def main():
     )
     (args.out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     save_tokenizer(tokenizer, args.out)
+    save_corpus(corpus, args.out)
 
     results = {name: fact_accuracy(model, tokenizer, name) for name in FACT_PROBES}
     lens = logit_lens_top1(model, tokenizer, "The capital of France is")
