@@ -144,7 +144,7 @@ def _apply(change, activation, name):
 
 
 def run_forward(model, call, modules_to_record, interventions, should_stop=None, eval_at=(), stop_at=None,
-                input_interventions=None):
+                input_interventions=None, names_by_id=None):
     """Call ``call()`` with the given modules recorded; returns (output, recorder).
 
     Each recorded module's class is swapped for its traced subclass for the length of
@@ -154,7 +154,8 @@ def run_forward(model, call, modules_to_record, interventions, should_stop=None,
     global _active_recorder
     if _active_recorder is not None:
         raise TraceError("a forward pass is already being traced; traces cannot run inside one another's forward pass")
-    names_by_id = {id(module): name for name, module in modules_to_record}
+    if names_by_id is None:
+        names_by_id = {id(module): name for name, module in modules_to_record}
     recorder = Recorder(names_by_id, interventions, should_stop, eval_at, stop_at, input_interventions)
     originals = []
     # object.__setattr__: nn.Module.__setattr__ costs ~2 us a call in Python, twice per module per pass.
@@ -453,24 +454,20 @@ class Trace:
         lean = (self.capture is None and self.keep != "all" and not interventions and not input_interventions
                 and self.should_stop is None
                 and model.distributed_group is None)
-        if lean:
-            record = set(model.recorded_by_default)
-        elif self.capture is None:
-            record = set(model.names.modules) - {"model"}
-        else:
-            patterns = [self.capture] if isinstance(self.capture, str) else list(self.capture)
-            record = {full for p in patterns for full in model.expand(p)} - {OUTPUT}
-            record |= hooks.recorded_for(model, record)
-        record |= (set(interventions) | set(input_interventions)) - {OUTPUT}
+        record, ordered, names_by_id = record_plan(model, self.capture, lean)
+        extra = (set(interventions) | set(input_interventions)) - {OUTPUT} - record
         should_stop, eval_at, stop_at, before_pass = self.should_stop, [], None, None
         if should_stop is not None:
             eval_at = model.names.layer_names
-            record |= set(eval_at)
+            extra |= set(eval_at) - record
             if model.distributed_group is not None:
                 should_stop, stop_at = self._agreed_stop(should_stop)
                 if model.pipeline_group is not None:
                     before_pass, should_stop, eval_at = should_stop, None, []
-        ordered = [(n, m) for n, m in model.names.modules.items() if n in record]
+        if extra:
+            record = record | extra
+            ordered = [(n, m) for n, m in model.names.modules.items() if n in record]
+            names_by_id = None
 
         batches, self.tokens, self.padding = prepare_inputs(model, self.inputs)
         results = []
@@ -480,7 +477,7 @@ class Trace:
             changes = dict(interventions)
             changes.update(extra)
             output, recorder = run_forward(model, call, ordered, changes, should_stop, eval_at, stop_at,
-                                           input_interventions)
+                                           input_interventions, names_by_id)
             model.repeated_calls.update(recorder.calls)
             if OUTPUT in interventions:
                 output = _apply(interventions[OUTPUT], output, OUTPUT)
@@ -518,6 +515,43 @@ class Trace:
         return distributed.agreed_stop(should_stop, self.model.distributed_group), set(self.model.names.layer_names)
 
 
+def record_plan(model, capture, lean):
+    """(names to record, [(name, module)] in model order, {id(module): name}) for a trace's ``capture=`` (cached per model).
+
+    Expanding capture patterns and walking the module table costs more Python than the rest of a
+    restricted trace, so the answer is remembered per (capture, lean) and dropped when the
+    model's name table is replaced or grows (a pipeline-sharded model completes its names).
+    """
+    if capture is None or isinstance(capture, str):
+        key = (capture, lean)
+    elif isinstance(capture, (list, tuple)) and all(isinstance(p, str) for p in capture):
+        key = (tuple(capture), lean)
+    else:
+        key = None
+    names = model.names
+    stamp = (id(names), id(names.modules), len(names.modules))
+    plans = model.__dict__.get("_record_plans")
+    if plans is None or plans[0] != stamp:
+        plans = (stamp, {})
+        model.__dict__["_record_plans"] = plans
+    plan = plans[1].get(key) if key is not None else None
+    if plan is not None:
+        return plan
+    if lean:
+        record = set(model.recorded_by_default)
+    elif capture is None:
+        record = set(names.modules) - {"model"}
+    else:
+        patterns = [capture] if isinstance(capture, str) else list(capture)
+        record = {full for p in patterns for full in model.expand(p)} - {OUTPUT}
+        record |= hooks.recorded_for(model, record)
+    ordered = tuple((n, m) for n, m in names.modules.items() if n in record)
+    plan = frozenset(record), ordered, {id(m): n for n, m in ordered}
+    if key is not None:
+        plans[1][key] = plan
+    return plan
+
+
 def _record_everything(model, inputs):
     """(outputs, inputs) of a pass over ``inputs`` recording every module (a lean trace's second pass)."""
     trace = Trace(model, inputs, keep="all").run()
@@ -551,10 +585,15 @@ def prepare_inputs(model, inputs):
             inputs = inputs[None]
         if inputs.ndim != 2:
             raise InputError(f"token ids must be 1-D or 2-D, got shape {tuple(inputs.shape)}")
-        check_ids(model, inputs)
         ids = inputs
+        tokens = ids.tolist()
+        if mx.issubdtype(ids.dtype, mx.integer):
+            for seq in tokens:  # the list made anyway: no second copy of the ids through numpy
+                check_ids(model, seq)
+        else:
+            check_ids(model, ids)
         rows = list(range(ids.shape[0]))
-        return [(rows, lambda: model.model(ids), {})], ids.tolist(), [0] * len(rows)
+        return [(rows, lambda: model.model(ids), {})], tokens, [0] * len(rows)
 
     if any(len(seq) == 0 for seq in inputs):
         raise InputError("cannot trace an empty sequence of tokens")
@@ -612,6 +651,12 @@ def check_ids(model, ids):
     vocab = model.embedding_rows
     if vocab is None:
         return
+    if type(ids) is list and ids and all(type(i) is int for i in ids):  # the common case, without numpy
+        low, high = min(ids), max(ids)
+        if low >= 0 and high < vocab:
+            return
+        bad = high if high >= vocab else low
+        raise InputError(f"token id {bad} is outside the vocabulary: ids run from 0 to {vocab - 1} ({vocab} entries)")
     array = np.array(ids)
     if array.size and (array.min() < 0 or array.max() >= vocab):
         bad = int(array.max()) if array.max() >= vocab else int(array.min())

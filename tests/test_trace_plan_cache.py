@@ -1,0 +1,60 @@
+"""The remembered capture plan (mlxterp.trace.record_plan) and the numpy-free token id check:
+repeated restricted traces record the same modules and values, a replaced name table is noticed,
+and bad token ids are still refused whatever the input's form."""
+
+import mlx.core as mx
+import pytest
+
+from conftest import tiny_llama
+from mlxterp import InterpretableModel
+from mlxterp.errors import InputError
+from mlxterp.naming import ModuleNames
+from mlxterp.trace import record_plan
+
+IDS = [[1, 5, 9, 2], [3, 3, 7, 8]]
+
+
+@pytest.fixture(scope="module")
+def model():
+    return InterpretableModel(tiny_llama())
+
+
+def restricted(model, capture):
+    with model.trace(IDS, capture=capture) as trace:
+        saved = model.layers[1].output.save()
+        logits = model.output.save()
+    return trace, saved, logits
+
+
+def test_repeated_restricted_traces_record_the_same(model):
+    first, saved1, logits1 = restricted(model, ["layers.1", "layers.2.mlp"])
+    second, saved2, logits2 = restricted(model, ["layers.1", "layers.2.mlp"])
+    assert set(first.activations) == set(second.activations)
+    assert "model.layers.2.mlp" in second.activations and "model.layers.0" not in second.activations
+    assert mx.array_equal(saved1, saved2) and mx.array_equal(logits1, logits2)
+    assert mx.array_equal(logits2, model.model(mx.array(IDS)))
+
+
+def test_an_intervention_outside_the_capture_is_still_applied(model):
+    restricted(model, ["layers.1"])  # plan remembered without layers.0
+    with model.trace(IDS, capture=["layers.1"], interventions={"layers.0": lambda x: x * 0}) as trace:
+        pass
+    assert float(mx.abs(trace.activations["model.layers.0"]).max()) == 0.0
+
+
+def test_a_replaced_name_table_is_noticed(model):
+    restricted(model, ["layers.1"])
+    plan = record_plan(model, ["layers.1"], False)
+    assert record_plan(model, ["layers.1"], False) is plan  # remembered
+    model.names = ModuleNames(model.model, "layers")
+    assert record_plan(model, ["layers.1"], False) is not plan  # a new table: planned again
+    trace, saved, _ = restricted(model, ["layers.1"])
+    assert set(trace.activations) == {model.resolve("layers.1"), "output"}
+    assert saved.shape == (2, 4, 64)
+
+
+@pytest.mark.parametrize("inputs", [[1, 2, 100], [[1, 2], [0, -1]], mx.array([[1, 2, 100]])])
+def test_token_ids_outside_the_vocabulary_are_refused(model, inputs):
+    with pytest.raises(InputError, match="outside the vocabulary: ids run from 0 to 99"):
+        with model.trace(inputs):
+            pass
