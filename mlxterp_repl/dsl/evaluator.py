@@ -694,8 +694,8 @@ class Session:
         model = self.need_model(node)
         answers = [self.answer_id(a) for a in node.answers]
         run.notes.extend(self.answer_warnings(node.answers))
-        if self.steering:
-            run.notes.append("attribution patching runs without the steering in force")
+        if self.steering or run.extra:  # the gradient pass takes no interventions: say so rather than ignore them
+            run.notes.append("attribution patching runs without the interventions in force (steer / with)")
         try:
             result = attribution_patching(model, node.clean.value, node.corrupt.value, answers,
                                           layers=self.layer_indices(node.layers))
@@ -711,8 +711,8 @@ class Session:
         model = self.need_model(node)
         text, _, _ = self.resolve_input(node.input, node)
         names = self.expand(node.target)
-        layers = {model.names.layer_index(model.resolve(n) if hooks.point(model, n) is None else hooks.point(model, n).module)
-                  for n in names}
+        points = {n: hooks.point(model, n) for n in names}
+        layers = {model.names.layer_index(model.resolve(n) if point is None else point.module) for n, point in points.items()}
         if len(layers) != 1 or None in layers:
             raise QueryError("attention shows the heads of one layer: give layers.N, or layers.N.attn.pattern.head[H]",
                              node.target.span, ["layers.0", "layers.0.attn.pattern.head[0]"])
