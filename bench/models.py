@@ -116,8 +116,9 @@ def interpretable(shape: str = "1b", dtype: str | None = None, quantized: bool =
     return InterpretableModel(build(shape, dtype, quantized, seed), tokenizer=ByteTokenizer(SHAPES[shape][5]))
 
 
-def prompt_pair(length: int, seed: int = 0) -> tuple[str, str]:
-    """A clean and a corrupted prompt of ``length`` byte tokens (BOS included) differing in one word."""
+def prompt_pair(length: int, seed: int = 0, differ: str = "end") -> tuple[str, str]:
+    """A clean and a corrupted prompt of ``length`` byte tokens (BOS included) differing in one word:
+    the last (``differ="end"``: they share all tokens before it) or the first (``"start"``)."""
     import random
 
     rng = random.Random(seed)
@@ -126,6 +127,8 @@ def prompt_pair(length: int, seed: int = 0) -> tuple[str, str]:
     while len(" ".join(body)) < length:
         body.append(rng.choice(words))
     text = " ".join(body)[: length - 1 - len(" Paris")].rstrip().ljust(length - 1 - len(" Paris"), ".")
+    if differ == "start":
+        return "Paris " + text, "Rome! " + text
     return text + " Paris", text + " Rome!"
 
 

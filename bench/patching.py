@@ -92,6 +92,9 @@ def main():
     parser.add_argument("--component", default="mlp")
     parser.add_argument("--metric", default="l2")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--differ", choices=["end", "start"], default="end",
+                        help="where the prompts differ: in their last word (sharing every token before it, "
+                             "which the sweep runs once) or their first")
     opts = parser.parse_args()
 
     if opts.shape == "demo":
@@ -102,10 +105,12 @@ def main():
         cases = [(c, m) for c in ("mlp", "attn") for m in ("l2", "mse", "cosine")]
     else:
         model = models.interpretable(opts.shape, opts.dtype, opts.quantized)
-        clean, corrupted = (model.encode(text) for text in models.prompt_pair(opts.tokens))
+        clean, corrupted = (model.encode(text) for text in models.prompt_pair(opts.tokens, differ=opts.differ))
         print(models.describe(model.model, opts.shape, opts.dtype, opts.quantized))
         cases = [(opts.component, opts.metric)]
-    print(f"BLAS: {blas_in_use()}, device {model.device}, {len(clean)} tokens, load average {os.getloadavg()[0]:.1f}")
+    shared = next((i for i, (a, b) in enumerate(zip(clean, corrupted)) if a != b), len(clean))
+    print(f"BLAS: {blas_in_use()}, device {model.device}, {len(clean)} tokens ({shared} shared before the "
+          f"prompts differ), load average {os.getloadavg()[0]:.1f}")
     ids = mx.array([clean])
 
     worst = 0.0

@@ -331,6 +331,9 @@ def _row_patches(jobs, names, first_row: int, source) -> Dict[str, object]:
 # Bytes the rows of one patching pass may take; None: as much as the model's weights (at least
 # 256 MiB), which keeps a sweep's peak memory within about twice that of one plain forward pass.
 patch_budget_bytes: Optional[int] = None
+# Prompts sharing at least this many leading tokens run them once, into a KV cache that every row of
+# the sweep continues (see _shared_prefix); shorter shared prefixes are not worth the extra pass.
+prefix_min_tokens: int = 16
 
 
 class _NotLayerByLayer(Exception):
@@ -347,40 +350,119 @@ def _patched_last_logits(model, clean_tokens, corrupted_tokens, jobs, names, int
     the same values for it as for the corrupted row; and the logits are computed at the last
     position only, the one the metric reads. A pass holds at most ``batch_size`` rows and what
     ``patch_budget_bytes`` allows; jobs go to passes in layer order.
+
+    When the prompts share their first tokens, a causal model computes the same values there in every
+    row, clean, corrupted or patched (a patch copies clean values, equal to the corrupted ones on the
+    shared tokens). Those tokens then run once, into a KV cache, and every pass continues it with the
+    differing tokens only; a job patching a shared position changes nothing (its logits are the
+    corrupted run's).
     """
-    per_pass = max(1, min(batch_size, _rows_within_budget(model, len(clean_tokens))) - 2)
     # A model split across processes runs the plain way: every row from the first layer, all positions.
     join_late = last_only = model.distributed_group is None
     last_only = last_only and _only_inside_layers(model, interventions)
+    prefix = _shared_prefix(model, clean_tokens, corrupted_tokens, interventions) if join_late else None
+    start = 0 if prefix is None else prefix[0]
+    per_pass = max(1, min(batch_size, _rows_within_budget(model, len(clean_tokens) - start, start)) - 2)
     order = sorted(range(len(jobs)), key=lambda i: jobs[i][0])
+    unchanged = [i for i in order if prefix is not None and jobs[i][1] is not None
+                 and jobs[i][1] % len(clean_tokens) < start]
+    if unchanged:
+        order = [i for i in order if i not in set(unchanged)]
     patched = [None] * len(jobs)
     clean_last = corrupted_last = None
-    for start in range(0, len(order), per_pass):
-        chunk = order[start:start + per_pass]
+    for first in range(0, max(len(order), 1), per_pass):
+        chunk = order[first:first + per_pass]
+        chunk_jobs = [jobs[i] for i in chunk]
         last = None
-        if join_late or last_only:
+        if prefix is not None:
             try:
-                last = _patch_pass(model, clean_tokens, corrupted_tokens, [jobs[i] for i in chunk], names,
+                last = _patch_pass(model, clean_tokens, corrupted_tokens, chunk_jobs, names, interventions,
+                                   should_stop, True, last_only, prefix)
+            except (ValueError, _NotLayerByLayer):
+                prefix = None
+        if last is None and (join_late or last_only):
+            try:
+                last = _patch_pass(model, clean_tokens, corrupted_tokens, chunk_jobs, names,
                                    interventions, should_stop, join_late, last_only)
             except (ValueError, _NotLayerByLayer):
                 # An architecture whose layers take per-row inputs besides the hidden state (or do not
                 # run once each, in order): every row from the first layer, logits everywhere.
                 join_late = last_only = False
         if last is None:
-            last = _patch_pass(model, clean_tokens, corrupted_tokens, [jobs[i] for i in chunk], names,
+            last = _patch_pass(model, clean_tokens, corrupted_tokens, chunk_jobs, names,
                                interventions, should_stop, False, False)
         mx.eval(last)
         if clean_last is None:
             clean_last, corrupted_last = last[0], last[1]
         for row, i in enumerate(chunk):
             patched[i] = last[2 + row]
+    for i in unchanged:
+        patched[i] = corrupted_last
     return clean_last, corrupted_last, mx.stack(patched) if patched else mx.zeros((0,) + clean_last.shape)
 
 
+def _shared_prefix(model, clean_tokens, corrupted_tokens, interventions):
+    """(length, KV caches after running it) of the leading tokens both prompts share, or None.
+
+    None when they share fewer than ``prefix_min_tokens``, when the model's caches are not plain
+    ``KVCache`` (sliding windows, recurrent state), or under the caller's interventions (which may
+    index positions, and would see the prompt in two parts)."""
+    from .trace import Trace, supports_left_padding
+
+    shared = 0
+    for a, b in zip(clean_tokens, corrupted_tokens):
+        if a != b:
+            break
+        shared += 1
+    shared = min(shared, len(clean_tokens) - 1)
+    if shared < max(1, prefix_min_tokens) or interventions or not supports_left_padding(model.model):
+        return None
+    from mlx_lm.models.cache import make_prompt_cache
+
+    cache = make_prompt_cache(model.model)
+    if len(cache) != model.n_layers:
+        return None
+    cut = {model.names.layer_names[-1]: reshaping(lambda a: a[:, -1:])}  # no logits for the shared tokens
+    try:
+        with Trace(model, mx.array([clean_tokens[:shared]]), interventions=cut, capture=[], keep="saved",
+                   cache=cache, eval_layers=True):
+            pass
+    except (TypeError, ValueError):  # a model whose call takes no cache=
+        return None
+    if any(getattr(c, "offset", None) != shared for c in cache):
+        return None
+    mx.eval([(c.keys, c.values) for c in cache])
+    return shared, [(c.keys[..., :shared, :], c.values[..., :shared, :]) for c in cache]
+
+
+def _continued_caches(prefix, rows_at_layer):
+    """Fresh KV caches holding the shared prefix once per row of each layer's batch."""
+    from mlx_lm.models.cache import KVCache
+
+    shared, states = prefix
+    caches = []
+    for (keys, values), rows in zip(states, rows_at_layer):
+        cache = KVCache()
+        cache.keys = mx.repeat(keys, rows, axis=0) if rows > 1 else keys
+        cache.values = mx.repeat(values, rows, axis=0) if rows > 1 else values
+        cache.offset = shared
+        caches.append(cache)
+    return caches
+
+
 def _patch_pass(model, clean_tokens, corrupted_tokens, jobs, names, interventions, should_stop,
-                join_late: bool, last_only: bool) -> mx.array:
-    """One forward pass of clean, corrupted and ``jobs`` (sorted by layer) rows: float32 logits (rows, vocab)."""
+                join_late: bool, last_only: bool, prefix=None) -> mx.array:
+    """One forward pass of clean, corrupted and ``jobs`` (sorted by layer) rows: float32 logits (rows, vocab).
+
+    With ``prefix`` (from ``_shared_prefix``) the pass runs the tokens after it only, continuing its
+    KV caches; job positions are then counted from the prefix's end."""
+    from .trace import Trace
+
     layer_names = model.names.layer_names
+    start = 0 if prefix is None else prefix[0]
+    length = len(clean_tokens)
+    if start:
+        jobs = [(layer, None if p is None else p % length - start) for layer, p in jobs]
     from_start = [job for job in jobs if not join_late or job[0] == 0]
     joining: Dict[int, int] = {}
     if join_late:
@@ -389,14 +471,19 @@ def _patch_pass(model, clean_tokens, corrupted_tokens, jobs, names, intervention
                 joining[layer] = joining.get(layer, 0) + 1
     growth = {}
     rows_before = 2 + len(from_start)
-    for layer in sorted(joining):
-        growth[layer_names[layer - 1]] = _join_rows(rows_before, joining[layer])
-        rows_before += joining[layer]
+    rows_at_layer = []
+    for layer in range(len(layer_names)):
+        if layer in joining:
+            growth[layer_names[layer - 1]] = _join_rows(rows_before, joining[layer])
+            rows_before += joining[layer]
+        rows_at_layer.append(rows_before)
     cut = {layer_names[-1]: reshaping(lambda a: a[:, -1:])} if last_only else {}
-    batch = mx.array([clean_tokens] + [corrupted_tokens] * (1 + len(from_start)))
+    batch = mx.array([clean_tokens[start:]] + [corrupted_tokens[start:]] * (1 + len(from_start)))
     patches = _row_patches(jobs, names, first_row=2, source=lambda layer: None)
     changes = combined(interventions, patches, growth, cut, resolve=model.expand)
-    with model.trace(batch, interventions=changes, capture=[], should_stop=should_stop, keep="saved"):
+    cache = None if prefix is None else _continued_caches(prefix, rows_at_layer)
+    with Trace(model, batch, interventions=changes, capture=[], should_stop=should_stop, keep="saved",
+               cache=cache, eval_layers=True):
         logits = model.output.save()
     if logits.ndim < 2 or logits.shape[0] != 2 + len(jobs):
         raise _NotLayerByLayer(f"{logits.shape[0]} rows came out of a pass of {2 + len(jobs)}")
@@ -429,17 +516,22 @@ def _only_inside_layers(model, interventions) -> bool:
     return True
 
 
-def _rows_within_budget(model, length: int) -> int:
-    """How many prompt rows of ``length`` tokens one pass may hold within ``patch_budget_bytes``."""
+def _rows_within_budget(model, length: int, cached: int = 0) -> int:
+    """How many prompt rows of ``length`` tokens (after ``cached`` tokens held in KV caches) one pass may
+    hold within ``patch_budget_bytes``."""
     params = model.parameters()
     budget = patch_budget_bytes
     if budget is None:
         budget = max(sum(v.nbytes for v in params.values()), 256 * 2**20)
     itemsize = next((v.dtype.size for v in params.values() if mx.issubdtype(v.dtype, mx.floating)), 4)
     hidden = model.hidden_size or 1024
-    # The widest activations of a layer (an MLP ~4x wide, gate and up, the residual) per token, and
-    # attention scores in float32 where attention is not fused (heads ~ hidden / 64).
-    per_row = length * hidden * 16 * itemsize + max(1, hidden // 64) * length * length * 4
+    heads = max(1, hidden // 64)
+    keys = length + cached
+    # Per row: the widest activations of a layer (an MLP ~4x wide, gate and up, the residual) per
+    # token, and attention scores in float32 where attention is not fused (a few copies: scores,
+    # mask, softmax; measured on MLX-CUDA), and the KV caches of every layer.
+    per_row = (length * hidden * 16 * itemsize + 4 * heads * length * keys * 4
+               + 2 * cached * hidden * itemsize * model.n_layers)
     return max(3, int(budget // per_row))
 
 

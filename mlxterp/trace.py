@@ -233,7 +233,8 @@ class _Store:
         self.open = False
         self.recorded_anywhere: set[str] = set()  # pipeline-sharded: names any process records
         self.shared: set = set()
-        self.dropped: set = set()  # ("output"|"input", name) that ran but were not kept
+        self.ran: tuple = ((), ())  # after the block: (output names, input names) recorded, some maybe not kept
+        self.layer_inputs: frozenset = frozenset()  # recorded layers, whose inputs a keep-all trace keeps
         self.over_budget_mib: float | None = None  # set when the default keep= dropped outputs
         self.lean = False  # recorded only model.recorded_by_default at first
         self.padding: list[int] = []  # left padding per row (hook points recompute attention with it)
@@ -282,7 +283,7 @@ class _Store:
 
     def missing(self, full, what="output"):
         short = self.model.short_name(full)
-        if (what, full) in self.dropped:
+        if full in self.ran[what == "input"] and full not in (self.inputs if what == "input" else self.outputs):
             message = (f"{short} ran in this forward pass, but its {what} was not kept after the block: "
                        f"save it inside the block (.{what}.save()"
                        + (" or trace.activations[...]" if what == "output" else "")
@@ -314,14 +315,14 @@ class _Store:
                 self.over_budget_mib = total / 2**20
                 _budget_notice(self.over_budget_mib)
         if keep_all:
-            kept = dict(outputs)
+            kept = outputs
         else:
             kept = {name: outputs[name] for what, name in self.saved if what == "output" and name in outputs}
-        inputs = {name: self.inputs[name] for what, name in self.saved if what == "input" and name in self.inputs}
+        ran = self.inputs
+        inputs = {name: ran[name] for what, name in self.saved if what == "input" and name in ran}
         if keep_all:  # the layers' inputs (resid_pre): mostly the previous layer's output, the same arrays
-            inputs.update((name, self.inputs[name]) for name in self.model.names.layer_names if name in self.inputs)
-        self.dropped = {("output", n) for n in outputs if n not in kept}
-        self.dropped |= {("input", n) for n in self.inputs if n not in inputs}
+            inputs.update((name, ran[name]) for name in self.layer_inputs if name in ran)
+        self.ran = (tuple(outputs) if kept is not outputs else (), tuple(ran) if len(inputs) < len(ran) else ())
         self.outputs, self.inputs = kept, inputs
         if ok and (kept or inputs):
             mx.eval(list(kept.values()) + list(inputs.values()))
@@ -392,7 +393,8 @@ class Activations(Mapping):
 class Trace:
     """``with model.trace(inputs) as trace:`` — one forward pass, its activations, and what was saved."""
 
-    def __init__(self, model, inputs, interventions=None, capture=None, should_stop=None, keep=None):
+    def __init__(self, model, inputs, interventions=None, capture=None, should_stop=None, keep=None, cache=None,
+                 eval_layers=False):
         if keep is not None and keep not in KEEP_CHOICES:
             raise TraceError(f"keep= is 'saved' (what was saved in the block), 'all' (every recorded output) or "
                              f"None (everything while it fits the keep budget, else what was saved); got {keep!r}")
@@ -404,6 +406,10 @@ class Trace:
         self.keep = keep
         self.tokens: list[list[int]] | None = None
         self.padding: list[int] = []
+        self.cache = cache  # mlx-lm KV caches the forward pass continues (the library's own: a patching sweep)
+        # Evaluate each layer's output as the pass goes: a pass of many rows then holds one layer's
+        # intermediates at a time (MLX-CUDA releases buffers only once the GPU is done with them).
+        self.eval_layers = eval_layers
         self._store = _Store(model, capture, keep)
         self.activations = Activations(self._store)
         self._previous = None
@@ -452,14 +458,15 @@ class Trace:
         # runs the pass again recording everything (exact: with no interventions and no
         # should_stop the pass is deterministic; values already read are kept as they are).
         lean = (self.capture is None and self.keep != "all" and not interventions and not input_interventions
-                and self.should_stop is None
+                and self.should_stop is None and self.cache is None and not self.eval_layers
                 and model.distributed_group is None)
-        record, ordered, names_by_id = record_plan(model, self.capture, lean)
-        extra = (set(interventions) | set(input_interventions)) - {OUTPUT} - record
+        record, ordered, names_by_id, layer_inputs = record_plan(model, self.capture, lean)
+        extra = (set(interventions) | set(input_interventions)) - {OUTPUT} - record if interventions else set()
         should_stop, eval_at, stop_at, before_pass = self.should_stop, [], None, None
-        if should_stop is not None:
+        if should_stop is not None or self.eval_layers:
             eval_at = model.names.layer_names
             extra |= set(eval_at) - record
+        if should_stop is not None:
             if model.distributed_group is not None:
                 should_stop, stop_at = self._agreed_stop(should_stop)
                 if model.pipeline_group is not None:
@@ -468,17 +475,23 @@ class Trace:
             record = record | extra
             ordered = [(n, m) for n, m in model.names.modules.items() if n in record]
             names_by_id = None
+            layer_inputs = frozenset(record & set(model.names.layer_names))
 
         batches, self.tokens, self.padding = prepare_inputs(model, self.inputs)
+        if self.cache is not None:
+            if len(batches) != 1 or not isinstance(self.inputs, mx.array):
+                raise TraceError("a trace continuing KV caches takes one mx.array of token ids")
+            ids, cache = batches[0][0], self.cache
+            batches = [(ids, lambda: model.model(self.inputs, cache=cache), {})]
         results = []
         for rows, call, extra in batches:
             if before_pass is not None and before_pass():
                 raise Interrupted("stopped before the forward pass")
-            changes = dict(interventions)
-            changes.update(extra)
+            changes = {**interventions, **extra} if extra else interventions
             output, recorder = run_forward(model, call, ordered, changes, should_stop, eval_at, stop_at,
                                            input_interventions, names_by_id)
-            model.repeated_calls.update(recorder.calls)
+            if recorder.calls:
+                model.repeated_calls.update(recorder.calls)
             if OUTPUT in interventions:
                 output = _apply(interventions[OUTPUT], output, OUTPUT)
             if model.distributed_group is not None:
@@ -490,13 +503,11 @@ class Trace:
             outputs[OUTPUT] = output
             results.append((rows, outputs, recorder.inputs))
         outputs, inputs = merge_groups(results, self.padding)
-        if self.capture is not None:
-            keep = record | {OUTPUT}
-            outputs = {n: a for n, a in outputs.items() if n in keep}
         store = self._store
         store.outputs, store.inputs = outputs, inputs
         store.padding = self.padding
-        store.recorded_anywhere = record | {OUTPUT}
+        store.recorded_anywhere = record  # the model's output is in every process's outputs
+        store.layer_inputs = layer_inputs
         store.record_all = functools.partial(_record_everything, model, self.inputs) if lean else None
         store.lean = lean
         return self
@@ -516,7 +527,8 @@ class Trace:
 
 
 def record_plan(model, capture, lean):
-    """(names to record, [(name, module)] in model order, {id(module): name}) for a trace's ``capture=`` (cached per model).
+    """(names to record, [(name, module)] in model order, {id(module): name}, the recorded layers) for a
+    trace's ``capture=`` (cached per model).
 
     Expanding capture patterns and walking the module table costs more Python than the rest of a
     restricted trace, so the answer is remembered per (capture, lean) and dropped when the
@@ -546,7 +558,7 @@ def record_plan(model, capture, lean):
         record = {full for p in patterns for full in model.expand(p)} - {OUTPUT}
         record |= hooks.recorded_for(model, record)
     ordered = tuple((n, m) for n, m in names.modules.items() if n in record)
-    plan = frozenset(record), ordered, {id(m): n for n, m in ordered}
+    plan = frozenset(record), ordered, {id(m): n for n, m in ordered}, frozenset(record & set(names.layer_names))
     if key is not None:
         plans[1][key] = plan
     return plan
@@ -560,8 +572,14 @@ def _record_everything(model, inputs):
 
 # -- inputs --------------------------------------------------------------------
 
+FLOAT_DTYPES = frozenset([mx.float16, mx.bfloat16, mx.float32, mx.float64])
+INTEGER_DTYPES = frozenset([mx.int8, mx.int16, mx.int32, mx.int64, mx.uint8, mx.uint16, mx.uint32, mx.uint64])
+
+
 def prepare_inputs(model, inputs):
     """Turn any accepted input into forward calls: [(rows, call, extra_interventions)], tokens, padding."""
+    if isinstance(inputs, mx.array):  # first: the common case when every microsecond of a trace counts
+        return _array_inputs(model, inputs)
     if isinstance(inputs, str):
         inputs = [model.encode(inputs)]
     elif isinstance(inputs, (list, tuple)) and inputs and all(isinstance(x, str) for x in inputs):
@@ -571,29 +589,12 @@ def prepare_inputs(model, inputs):
     elif isinstance(inputs, (list, tuple)) and inputs and all(isinstance(x, (list, tuple)) for x in inputs):
         inputs = [list(x) for x in inputs]
     elif isinstance(inputs, np.ndarray):
-        inputs = mx.array(inputs)
-    elif not isinstance(inputs, mx.array):
+        return _array_inputs(model, mx.array(inputs))
+    else:
         raise InputError(
             f"cannot trace {type(inputs).__name__}: give a string, a list of strings, a list of token ids, "
             "or an mx.array of token ids or floats"
         )
-
-    if isinstance(inputs, mx.array):
-        if mx.issubdtype(inputs.dtype, mx.floating):
-            return [float_call(model, inputs)], None, []
-        if inputs.ndim == 1:
-            inputs = inputs[None]
-        if inputs.ndim != 2:
-            raise InputError(f"token ids must be 1-D or 2-D, got shape {tuple(inputs.shape)}")
-        ids = inputs
-        tokens = ids.tolist()
-        if mx.issubdtype(ids.dtype, mx.integer):
-            for seq in tokens:  # the list made anyway: no second copy of the ids through numpy
-                check_ids(model, seq)
-        else:
-            check_ids(model, ids)
-        rows = list(range(ids.shape[0]))
-        return [(rows, lambda: model.model(ids), {})], tokens, [0] * len(rows)
 
     if any(len(seq) == 0 for seq in inputs):
         raise InputError("cannot trace an empty sequence of tokens")
@@ -627,6 +628,26 @@ def prepare_inputs(model, inputs):
         ids = mx.array([inputs[r] for r in rows])
         batches.append((rows, (lambda ids=ids: model.model(ids)), {}))
     return batches, [list(s) for s in inputs], padding
+
+
+def _array_inputs(model, inputs):
+    if inputs.dtype in FLOAT_DTYPES:
+        return [float_call(model, inputs)], None, []
+    if inputs.ndim == 1:
+        inputs = inputs[None]
+    if inputs.ndim != 2:
+        raise InputError(f"token ids must be 1-D or 2-D, got shape {tuple(inputs.shape)}")
+    ids = inputs
+    tokens = ids.tolist()  # the ids must be checked before the embedding reads them (out of range: a crash)
+    if ids.dtype in INTEGER_DTYPES:
+        vocab = model.embedding_rows
+        for seq in tokens:  # the list made anyway: no second copy of the ids through numpy
+            if vocab is not None and seq and (min(seq) < 0 or max(seq) >= vocab):
+                check_ids(model, seq)
+    else:
+        check_ids(model, ids)
+    rows = list(range(len(tokens)))
+    return [(rows, lambda: model.model(ids), {})], tokens, [0] * len(rows)
 
 
 LEARNED_POSITIONS = {"gpt2", "gpt_bigcode", "opt", "starcoder", "bloom"}

@@ -39,6 +39,8 @@ def architectures(known=None):
 
 
 each_architecture = architectures()
+# Models whose mlx-lm caches are plain KVCache: a patching sweep runs a shared prefix once there.
+PLAIN_KV_CACHE = {"llama", "mistral", "qwen2", "qwen3", "gemma", "phi3", "gpt_neox", "starcoder2", "cohere", "granite"}
 
 
 def traced_logits(model, inputs, interventions=None):
@@ -269,11 +271,21 @@ def one_run_per_layer(model, component):
 
 
 @each_architecture
-def test_patching_sweep_equals_one_run_per_layer(arch):
+def test_patching_sweep_equals_one_run_per_layer(arch, monkeypatch):
     """The sweep adds each patched row at its layer's input and decodes the last position only;
-    that must give what running each patched prompt on its own gives, on every architecture."""
+    that must give what running each patched prompt on its own gives, on every architecture. The
+    prompts share their first 3 tokens: run once into a KV cache where the model's caches allow it."""
+    import mlxterp.analysis as analysis
+
     model = InterpretableModel(tiny_model(arch))
-    batched = activation_patching(model, CLEAN, CORRUPTED, component="layer")
     reference = one_run_per_layer(model, "layer")
+    batched = activation_patching(model, CLEAN, CORRUPTED, component="layer")
     assert all(abs(batched[k] - reference[k]) <= 1e-4 * max(100.0, abs(reference[k])) for k in reference), \
         (dict(batched), reference)
+    monkeypatch.setattr(analysis, "prefix_min_tokens", 1)
+    before = model.forward_count
+    batched = activation_patching(model, CLEAN, CORRUPTED, component="layer")
+    assert all(abs(batched[k] - reference[k]) <= 1e-4 * max(100.0, abs(reference[k])) for k in reference), \
+        ("shared prefix", dict(batched), reference)
+    if arch in PLAIN_KV_CACHE:  # the prefix pass, then one pass of the rest
+        assert model.forward_count - before == 2, arch

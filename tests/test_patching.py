@@ -156,3 +156,61 @@ def test_patching_stops_when_asked(demo_model):
     with pytest.raises(Interrupted):
         demo_model.activation_patching(CLEAN, CORRUPT, should_stop=lambda: calls.append(1) or len(calls) > 5)
     assert len(demo_model.activation_patching(CLEAN, CORRUPT, layers=[1])) == 1  # still usable
+
+
+# Prompts sharing their first 20 tokens: the sweep runs those once, into a KV cache.
+SHARED = list(range(2, 22))
+PREFIX_CLEAN, PREFIX_CORRUPTED = [1] + SHARED + [30, 31, 32, 33], [1] + SHARED + [40, 31, 32, 33]
+
+
+def one_run_per_position(model, clean, corrupted, component, layer, position, metric="l2"):
+    """The slow reference for one (layer, position): the corrupted run with that position's clean value."""
+    from mlxterp.interventions import replace_rows
+
+    name = f"layers.{layer}.{component}"
+    with model.trace([clean]) as tr:
+        act = tr.save(model.resolve(name))
+        clean_logits = model.output.save()[0, -1]
+    with model.trace([corrupted]):
+        corrupted_logits = model.output.save()[0, -1]
+    with model.trace([corrupted], interventions={name: replace_rows(act, [0], [position])}):
+        patched = model.output.save()[0, -1]
+    base = distance(metric, corrupted_logits, clean_logits).item()
+    return 100 * (base - distance(metric, patched, clean_logits).item()) / base
+
+
+@pytest.mark.parametrize("component", ["mlp", "attn"])
+def test_a_shared_prefix_runs_once_and_recoveries_are_unchanged(tiny, component):
+    reference = one_run_per_layer(tiny, PREFIX_CLEAN, PREFIX_CORRUPTED, component, "l2")
+    before = tiny.forward_count
+    batched = activation_patching(tiny, PREFIX_CLEAN, PREFIX_CORRUPTED, component=component)
+    assert tiny.forward_count - before == 2  # the 21 shared tokens once, then every row on the last 4
+    assert all(abs(batched[k] - reference[k]) <= 1e-4 * max(100.0, abs(reference[k])) for k in reference)
+    assert any(abs(v) > 0.1 for v in batched.values())
+
+
+def test_a_shared_prefix_gives_the_same_by_position_and_nothing_where_the_prompts_agree(tiny):
+    positions = [3, 21, 24]  # a shared position, the one that differs, the last
+    grid = activation_patching(tiny, PREFIX_CLEAN, PREFIX_CORRUPTED, component="mlp", layers=[0, 2],
+                               positions=positions)
+    for layer in (0, 2):
+        for position in positions:
+            expected = one_run_per_position(tiny, PREFIX_CLEAN, PREFIX_CORRUPTED, "mlp", layer, position)
+            assert abs(grid[layer][position] - expected) <= 1e-4 * max(100.0, abs(expected)), (layer, position)
+        assert grid[layer][3] == pytest.approx(0.0, abs=1e-4)
+    assert abs(grid[0][21]) > 0.1
+
+
+def test_a_short_shared_prefix_or_an_intervention_runs_everything_in_one_pass(tiny, monkeypatch):
+    import mlxterp.analysis as analysis
+
+    monkeypatch.setattr(analysis, "prefix_min_tokens", 64)
+    before = tiny.forward_count
+    long_threshold = activation_patching(tiny, PREFIX_CLEAN, PREFIX_CORRUPTED, component="mlp")
+    assert tiny.forward_count - before == 1
+    monkeypatch.setattr(analysis, "prefix_min_tokens", 16)
+    before = tiny.forward_count
+    steered = activation_patching(tiny, PREFIX_CLEAN, PREFIX_CORRUPTED, component="mlp",
+                                  interventions={"layers.0": lambda a: a})  # positions could be indexed
+    assert tiny.forward_count - before == 1
+    assert steered == pytest.approx(long_threshold, abs=1e-4)

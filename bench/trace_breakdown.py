@@ -1,0 +1,166 @@
+"""Where a trace's extra time goes, on the device the model runs on (issue 16 item 3).
+
+``trace_overhead.py`` says how much a trace costs over a plain forward pass; this
+script says why. Same model and input (``--shape``), medians of interleaved runs
+after warm-up, for each of the three trace modes (default, capture everything,
+restricted) and the modules each records:
+
+- ``bare keep``: the plain forward with a minimal wrapper on the same modules that
+  only appends each output to a list, all evaluated together: the cost of holding
+  those outputs (no buffer reuse, more allocations) with next to no Python;
+- ``run_forward``: the library's recording hot path alone (no Trace object, no input
+  checks, no keep rule), its outputs evaluated;
+- the trace itself;
+
+and, with ``mx.eval`` stubbed out, the Python each adds on this host (best of N), plus
+graph building alone and ``ids.tolist()``.
+
+    python bench/trace_breakdown.py --shape 1b          # on the GPU machine
+    python bench/trace_breakdown.py --shape 1b-small --dtype float32
+"""
+
+import argparse
+import gc
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import mlx.core as mx  # noqa: E402
+
+from mlxterp import InterpretableModel  # noqa: E402
+from mlxterp.trace import record_plan, run_forward  # noqa: E402
+from timing import measure  # noqa: E402
+from trace_overhead import SHAPES, build  # noqa: E402
+
+
+def bare_keeper(modules, kept):
+    """A function that swaps each module's class for one whose call appends its output to ``kept``."""
+    subclasses = {}
+    for module in modules:
+        cls = type(module)
+        if cls not in subclasses:
+            original = cls.__call__
+
+            def __call__(self, *args, _original=original, **kwargs):
+                out = _original(self, *args, **kwargs)
+                kept.append(out)
+                return out
+
+            subclasses[cls] = type(cls.__name__, (cls,), {"__call__": __call__})
+    pairs = [(m, type(m), subclasses[type(m)]) for m in modules]
+    set_class = object.__setattr__
+
+    def wrapped(call):
+        for module, _, sub in pairs:
+            set_class(module, "__class__", sub)
+        try:
+            return call()
+        finally:
+            for module, cls, _ in pairs:
+                set_class(module, "__class__", cls)
+
+    return wrapped
+
+
+def best(fn, repeats):
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="1b")
+    parser.add_argument("--dtype")
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--python-repeats", type=int, default=300)
+    parser.add_argument("--warmup", type=int, default=3)
+    opts = parser.parse_args()
+    layers, hidden, heads, kv_heads, mlp, vocab, tied, batch, length, dtype = SHAPES[opts.shape]
+    dtype = opts.dtype or dtype
+    base = build(layers, hidden, heads, kv_heads, mlp, vocab, tied, dtype)
+    model = InterpretableModel(base)
+    ids = mx.random.randint(0, vocab, (batch, length), key=mx.random.key(0))
+    mx.eval(ids)
+    picked = [layers // 4, layers // 2, layers - 2]
+    restricted_names = [f"layers.{i}" for i in picked]
+
+    plans = {
+        "default": record_plan(model, None, True),
+        "everything": record_plan(model, None, False),
+        "restricted": record_plan(model, restricted_names, False),
+    }
+
+    def trace_default():
+        with model.trace(ids):
+            model.output.save()
+
+    def trace_everything():
+        with model.trace(ids, keep="all"):
+            pass
+
+    def trace_restricted():
+        with model.trace(ids, capture=restricted_names):
+            for i in picked:
+                model.layers[i].output.save()
+            model.output.save()
+
+    traces = {"default": trace_default, "everything": trace_everything, "restricted": trace_restricted}
+    runs = {"plain forward": lambda: mx.eval(base(ids))}
+    for mode, (record, ordered, names_by_id, _) in plans.items():
+        kept = []
+        keeper = bare_keeper([m for _, m in ordered], kept)
+
+        def bare(keeper=keeper, kept=kept):
+            out = keeper(lambda: base(ids))
+            mx.eval(out, kept)
+            kept.clear()
+
+        def hot_path(ordered=ordered, names_by_id=names_by_id):
+            out, recorder = run_forward(model, lambda: base(ids), ordered, {}, names_by_id=names_by_id)
+            mx.eval(out, list(recorder.outputs.values()))
+
+        runs[f"{mode}: bare keep ({len(ordered)} modules)"] = bare
+        runs[f"{mode}: run_forward"] = hot_path
+        runs[f"{mode}: trace"] = traces[mode]
+
+    results = measure(runs, opts.repeats, opts.warmup)
+    baseline = results["plain forward"][0]
+    print(f"{opts.shape} shape, {dtype}, {batch} x {length} tokens, on {mx.default_device()} ({model.device}); "
+          f"median of {opts.repeats}")
+    print(f"{'run':<40}{'ms':>9}{'x plain':>9}{'+us':>9}{'peak MiB':>10}")
+    for name, (seconds, peak) in results.items():
+        print(f"{name:<40}{seconds * 1e3:>9.3f}{seconds / baseline:>9.3f}{(seconds - baseline) * 1e6:>9.0f}"
+              f"{peak:>10.1f}")
+
+    start = time.perf_counter()
+    for _ in range(100):
+        ids.tolist()
+    print(f"ids.tolist(): {(time.perf_counter() - start) * 1e4:.1f} us")
+
+    real_eval = mx.eval
+    mx.eval = lambda *args, **kwargs: None
+    gc.disable()
+    try:
+        python = {"plain forward (graph only)": lambda: base(ids)}
+        python.update({f"{mode}: trace": fn for mode, fn in traces.items()})
+        for fn in python.values():
+            for _ in range(20):
+                fn()
+        python_times = {name: best(fn, opts.python_repeats) for name, fn in python.items()}
+    finally:
+        gc.enable()
+        mx.eval = real_eval
+    graph = python_times["plain forward (graph only)"]
+    print(f"Python alone (mx.eval stubbed), best of {opts.python_repeats}:")
+    for name, seconds in python_times.items():
+        print(f"{name:<40}{seconds * 1e6:>9.1f} us{(seconds - graph) * 1e6:>9.1f} added")
+
+
+if __name__ == "__main__":
+    main()
