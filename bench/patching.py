@@ -132,8 +132,12 @@ def main():
         print(f"  speedup of the sweep over one traced forward per layer: {naive / sweep:.1f}x; "
               f"sweep peak memory {sweep_peak / forward_peak:.2f}x one plain forward (loop: "
               f"{naive_peak / forward_peak:.2f}x); max relative difference {difference:.1e}")
-    assert worst < 1e-4, f"the sweep and the per-layer loop disagree: relative difference {worst:.1e}"
-    print(f"same numbers: max relative difference {worst:.1e} < 1e-4")
+    # float32: equal to 1e-4; bfloat16 keeps 8 bits of mantissa, so batches of other shapes (a shared
+    # prefix run on its own) round differently at the 1e-2 level.
+    dtype = next(v.dtype for v in model.parameters().values() if mx.issubdtype(v.dtype, mx.floating))
+    tolerance = 1e-4 if dtype == mx.float32 else 2e-2
+    assert worst < tolerance, f"the sweep and the per-layer loop disagree: relative difference {worst:.1e}"
+    print(f"same numbers: max relative difference {worst:.1e} < {tolerance:g} ({dtype})")
 
 
 if __name__ == "__main__":

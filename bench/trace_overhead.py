@@ -58,7 +58,8 @@ def main():
     parser.add_argument("--quick", action="store_true", help="same as --shape quick")
     parser.add_argument("--dtype", help="override the shape's dtype (float32, bfloat16, float16)")
     parser.add_argument("--device", choices=["cpu", "gpu"], help="MLX device (default: MLX's default device)")
-    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--repeats", type=int, default=100,
+                        help="interleaved rounds (a GPU run needs a few hundred for 1 %% to show)")
     parser.add_argument("--warmup", type=int, default=2)
     opts = parser.parse_args()
     if opts.device:

@@ -360,9 +360,10 @@ def _patched_last_logits(model, clean_tokens, corrupted_tokens, jobs, names, int
     # A model split across processes runs the plain way: every row from the first layer, all positions.
     join_late = last_only = model.distributed_group is None
     last_only = last_only and _only_inside_layers(model, interventions)
-    prefix = _shared_prefix(model, clean_tokens, corrupted_tokens, interventions) if join_late else None
+    sizes = _PassSizes(model)
+    prefix = _shared_prefix(model, clean_tokens, corrupted_tokens, interventions, sizes) if join_late else None
     start = 0 if prefix is None else prefix[0]
-    per_pass = max(1, min(batch_size, _rows_within_budget(model, len(clean_tokens) - start, start)) - 2)
+    per_pass = max(1, min(batch_size, sizes.rows_within_budget(len(clean_tokens) - start, start)) - 2)
     order = sorted(range(len(jobs)), key=lambda i: jobs[i][0])
     unchanged = [i for i in order if prefix is not None and jobs[i][1] is not None
                  and jobs[i][1] % len(clean_tokens) < start]
@@ -377,20 +378,20 @@ def _patched_last_logits(model, clean_tokens, corrupted_tokens, jobs, names, int
         if prefix is not None:
             try:
                 last = _patch_pass(model, clean_tokens, corrupted_tokens, chunk_jobs, names, interventions,
-                                   should_stop, True, last_only, prefix)
+                                   should_stop, True, last_only, sizes, prefix)
             except (ValueError, _NotLayerByLayer):
                 prefix = None
         if last is None and (join_late or last_only):
             try:
                 last = _patch_pass(model, clean_tokens, corrupted_tokens, chunk_jobs, names,
-                                   interventions, should_stop, join_late, last_only)
+                                   interventions, should_stop, join_late, last_only, sizes)
             except (ValueError, _NotLayerByLayer):
                 # An architecture whose layers take per-row inputs besides the hidden state (or do not
                 # run once each, in order): every row from the first layer, logits everywhere.
                 join_late = last_only = False
         if last is None:
             last = _patch_pass(model, clean_tokens, corrupted_tokens, chunk_jobs, names,
-                               interventions, should_stop, False, False)
+                               interventions, should_stop, False, False, sizes)
         mx.eval(last)
         if clean_last is None:
             clean_last, corrupted_last = last[0], last[1]
@@ -401,7 +402,7 @@ def _patched_last_logits(model, clean_tokens, corrupted_tokens, jobs, names, int
     return clean_last, corrupted_last, mx.stack(patched) if patched else mx.zeros((0,) + clean_last.shape)
 
 
-def _shared_prefix(model, clean_tokens, corrupted_tokens, interventions):
+def _shared_prefix(model, clean_tokens, corrupted_tokens, interventions, sizes):
     """(length, KV caches after running it) of the leading tokens both prompts share, or None.
 
     None when they share fewer than ``prefix_min_tokens``, when the model's caches are not plain
@@ -425,7 +426,7 @@ def _shared_prefix(model, clean_tokens, corrupted_tokens, interventions):
     cut = {model.names.layer_names[-1]: reshaping(lambda a: a[:, -1:])}  # no logits for the shared tokens
     try:
         with Trace(model, mx.array([clean_tokens[:shared]]), interventions=cut, capture=[], keep="saved",
-                   cache=cache, eval_layers=True):
+                   cache=cache, eval_every=sizes.eval_every(1, shared)):
             pass
     except (TypeError, ValueError):  # a model whose call takes no cache=
         return None
@@ -451,7 +452,7 @@ def _continued_caches(prefix, rows_at_layer):
 
 
 def _patch_pass(model, clean_tokens, corrupted_tokens, jobs, names, interventions, should_stop,
-                join_late: bool, last_only: bool, prefix=None) -> mx.array:
+                join_late: bool, last_only: bool, sizes, prefix=None) -> mx.array:
     """One forward pass of clean, corrupted and ``jobs`` (sorted by layer) rows: float32 logits (rows, vocab).
 
     With ``prefix`` (from ``_shared_prefix``) the pass runs the tokens after it only, continuing its
@@ -483,7 +484,7 @@ def _patch_pass(model, clean_tokens, corrupted_tokens, jobs, names, intervention
     changes = combined(interventions, patches, growth, cut, resolve=model.expand)
     cache = None if prefix is None else _continued_caches(prefix, rows_at_layer)
     with Trace(model, batch, interventions=changes, capture=[], should_stop=should_stop, keep="saved",
-               cache=cache, eval_layers=True):
+               cache=cache, eval_every=sizes.eval_every(2 + len(jobs), length - start, start)):
         logits = model.output.save()
     if logits.ndim < 2 or logits.shape[0] != 2 + len(jobs):
         raise _NotLayerByLayer(f"{logits.shape[0]} rows came out of a pass of {2 + len(jobs)}")
@@ -516,23 +517,39 @@ def _only_inside_layers(model, interventions) -> bool:
     return True
 
 
-def _rows_within_budget(model, length: int, cached: int = 0) -> int:
-    """How many prompt rows of ``length`` tokens (after ``cached`` tokens held in KV caches) one pass may
-    hold within ``patch_budget_bytes``."""
-    params = model.parameters()
-    budget = patch_budget_bytes
-    if budget is None:
-        budget = max(sum(v.nbytes for v in params.values()), 256 * 2**20)
-    itemsize = next((v.dtype.size for v in params.values() if mx.issubdtype(v.dtype, mx.floating)), 4)
-    hidden = model.hidden_size or 1024
-    heads = max(1, hidden // 64)
-    keys = length + cached
-    # Per row: the widest activations of a layer (an MLP ~4x wide, gate and up, the residual) per
-    # token, and attention scores in float32 where attention is not fused (a few copies: scores,
-    # mask, softmax; measured on MLX-CUDA), and the KV caches of every layer.
-    per_row = (length * hidden * 16 * itemsize + 4 * heads * length * keys * 4
-               + 2 * cached * hidden * itemsize * model.n_layers)
-    return max(3, int(budget // per_row))
+class _PassSizes:
+    """How big a patching pass may be: rows within ``patch_budget_bytes``, and when to evaluate as it goes.
+
+    Per row of ``length`` tokens (after ``cached`` tokens held in KV caches): the widest activations of
+    a layer (an MLP ~4x wide, gate and up, the residual), attention scores in float32 where attention is
+    not fused (heads ~ hidden / 64), and the KV caches of a shared prefix.
+    """
+
+    def __init__(self, model):
+        params = model.parameters()
+        self.model = model
+        self.itemsize = next((v.dtype.size for v in params.values() if mx.issubdtype(v.dtype, mx.floating)), 4)
+        budget = patch_budget_bytes
+        self.budget = max(sum(v.nbytes for v in params.values()), 256 * 2**20) if budget is None else budget
+
+    def row_bytes(self, length: int, cached: int = 0) -> int:
+        hidden = self.model.hidden_size or 1024
+        return (length * hidden * 16 * self.itemsize + max(1, hidden // 64) * length * (length + cached) * 4
+                + 2 * cached * hidden * self.itemsize * self.model.n_layers)
+
+    def rows_within_budget(self, length: int, cached: int = 0) -> int:
+        return max(3, int(self.budget // self.row_bytes(length, cached)))
+
+    def eval_every(self, rows: int, length: int, cached: int = 0) -> int:
+        return EVAL_EVERY if rows * self.row_bytes(length, cached) > SMALL_PASS_BYTES else 0
+
+
+# A big pass is evaluated every this many layers as it goes: otherwise the host queues every layer's
+# kernels at once and MLX-CUDA, which frees a buffer only when the GPU is done with it, holds them all
+# (a 16-layer 1B-shaped pass of 18 rows x 512 tokens peaked at 2.8x one forward pass). Small passes
+# are not worth the synchronisations.
+EVAL_EVERY = 2
+SMALL_PASS_BYTES = 256 * 2**20
 
 
 def _recovery(metric, clean, corrupted, patched, answers) -> mx.array:

@@ -394,7 +394,7 @@ class Trace:
     """``with model.trace(inputs) as trace:`` — one forward pass, its activations, and what was saved."""
 
     def __init__(self, model, inputs, interventions=None, capture=None, should_stop=None, keep=None, cache=None,
-                 eval_layers=False):
+                 eval_every=0):
         if keep is not None and keep not in KEEP_CHOICES:
             raise TraceError(f"keep= is 'saved' (what was saved in the block), 'all' (every recorded output) or "
                              f"None (everything while it fits the keep budget, else what was saved); got {keep!r}")
@@ -407,9 +407,9 @@ class Trace:
         self.tokens: list[list[int]] | None = None
         self.padding: list[int] = []
         self.cache = cache  # mlx-lm KV caches the forward pass continues (the library's own: a patching sweep)
-        # Evaluate each layer's output as the pass goes: a pass of many rows then holds one layer's
-        # intermediates at a time (MLX-CUDA releases buffers only once the GPU is done with them).
-        self.eval_layers = eval_layers
+        # Evaluate every eval_every-th layer's output as the pass goes: a pass of many rows then holds a
+        # few layers' intermediates at a time (MLX-CUDA releases buffers only once the GPU is done with them).
+        self.eval_every = eval_every
         self._store = _Store(model, capture, keep)
         self.activations = Activations(self._store)
         self._previous = None
@@ -458,14 +458,16 @@ class Trace:
         # runs the pass again recording everything (exact: with no interventions and no
         # should_stop the pass is deterministic; values already read are kept as they are).
         lean = (self.capture is None and self.keep != "all" and not interventions and not input_interventions
-                and self.should_stop is None and self.cache is None and not self.eval_layers
+                and self.should_stop is None and self.cache is None and not self.eval_every
                 and model.distributed_group is None)
         record, ordered, names_by_id, layer_inputs = record_plan(model, self.capture, lean)
         extra = (set(interventions) | set(input_interventions)) - {OUTPUT} - record if interventions else set()
         should_stop, eval_at, stop_at, before_pass = self.should_stop, [], None, None
-        if should_stop is not None or self.eval_layers:
+        if should_stop is not None:
             eval_at = model.names.layer_names
-            extra |= set(eval_at) - record
+        elif self.eval_every:
+            eval_at = model.names.layer_names[self.eval_every - 1::self.eval_every]
+        extra |= set(eval_at) - record
         if should_stop is not None:
             if model.distributed_group is not None:
                 should_stop, stop_at = self._agreed_stop(should_stop)

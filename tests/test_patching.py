@@ -214,3 +214,13 @@ def test_a_short_shared_prefix_or_an_intervention_runs_everything_in_one_pass(ti
                                   interventions={"layers.0": lambda a: a})  # positions could be indexed
     assert tiny.forward_count - before == 1
     assert steered == pytest.approx(long_threshold, abs=1e-4)
+
+
+@pytest.mark.parametrize("prompts", [(CLEAN_IDS, CORRUPTED_IDS), (PREFIX_CLEAN, PREFIX_CORRUPTED)])
+def test_a_pass_evaluated_as_it_goes_gives_the_same_recoveries(tiny, monkeypatch, prompts):
+    import mlxterp.analysis as analysis
+
+    whole = activation_patching(tiny, *prompts, component="mlp")
+    monkeypatch.setattr(analysis, "SMALL_PASS_BYTES", 0)  # every pass is "big": evaluated every 2 layers
+    assert analysis._PassSizes(tiny).eval_every(3, len(prompts[0])) == analysis.EVAL_EVERY
+    assert activation_patching(tiny, *prompts, component="mlp") == pytest.approx(whole, abs=1e-4)
