@@ -1,7 +1,6 @@
 """Heads and components on the demo model: direct logit attribution, head patching, attribution
 patching (against exact patching: agreement and speed) and per-head attention heatmaps."""
 
-import time
 
 import mlx.core as mx
 import numpy as np
@@ -144,19 +143,15 @@ def test_attribution_patching_agrees_with_exact_patching(estimates, exact):
     assert exact["resid_pre"][-1, -1] == pytest.approx(100.0, abs=1e-3)
 
 
-def test_attribution_patching_is_at_least_ten_times_faster(demo_model):
-    def fastest(function, runs=3):
-        times = []
-        for _ in range(runs):
-            start = time.perf_counter()
-            function()
-            times.append(time.perf_counter() - start)
-        return min(times)
-
-    estimate = fastest(lambda: demo_model.attribution_patching(CLEAN, CORRUPT, ANSWERS))
-    sweep = fastest(lambda: at.exact_patching(demo_model, CLEAN, CORRUPT, ANSWERS), runs=2)
-    print(f"attribution patching {estimate * 1e3:.1f} ms, exact sweeps {sweep * 1e3:.1f} ms: {sweep / estimate:.1f}x")
-    assert sweep / estimate >= 10
+def test_attribution_patching_costs_one_forward_pass_where_exact_sweeps_cost_many(demo_model):
+    # Work, not wall time (a timed ratio is noise on a launch-bound GPU; bench/attribution.py times it).
+    before = demo_model.forward_count
+    demo_model.attribution_patching(CLEAN, CORRUPT, ANSWERS)
+    estimate = demo_model.forward_count - before
+    before = demo_model.forward_count
+    at.exact_patching(demo_model, CLEAN, CORRUPT, ANSWERS)
+    sweeps = demo_model.forward_count - before
+    assert estimate == 1 and sweeps >= 10 * estimate
 
 
 def test_attribution_result_round_trips_and_draws(estimates):
