@@ -33,6 +33,7 @@ from mlxterp import InterpretableModel  # noqa: E402
 from mlxterp.trace import record_plan, run_forward  # noqa: E402
 from timing import measure  # noqa: E402
 from trace_overhead import SHAPES, build  # noqa: E402
+from trace_python_cost import best  # noqa: E402
 
 
 def bare_keeper(modules, kept):
@@ -62,15 +63,6 @@ def bare_keeper(modules, kept):
                 set_class(module, "__class__", cls)
 
     return wrapped
-
-
-def best(fn, repeats):
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
 
 
 def main():

@@ -361,7 +361,8 @@ def _patched_last_logits(model, clean_tokens, corrupted_tokens, jobs, names, int
     join_late = last_only = model.distributed_group is None
     last_only = last_only and _only_inside_layers(model, interventions)
     sizes = _PassSizes(model)
-    prefix = _shared_prefix(model, clean_tokens, corrupted_tokens, interventions, sizes) if join_late else None
+    prefix = (_shared_prefix(model, clean_tokens, corrupted_tokens, interventions, should_stop, sizes)
+              if join_late else None)
     start = 0 if prefix is None else prefix[0]
     per_pass = max(1, min(batch_size, sizes.rows_within_budget(len(clean_tokens) - start, start)) - 2)
     order = sorted(range(len(jobs)), key=lambda i: jobs[i][0])
@@ -402,7 +403,7 @@ def _patched_last_logits(model, clean_tokens, corrupted_tokens, jobs, names, int
     return clean_last, corrupted_last, mx.stack(patched) if patched else mx.zeros((0,) + clean_last.shape)
 
 
-def _shared_prefix(model, clean_tokens, corrupted_tokens, interventions, sizes):
+def _shared_prefix(model, clean_tokens, corrupted_tokens, interventions, should_stop, sizes):
     """(length, KV caches after running it) of the leading tokens both prompts share, or None.
 
     None when they share fewer than ``prefix_min_tokens``, when the model's caches are not plain
@@ -426,7 +427,7 @@ def _shared_prefix(model, clean_tokens, corrupted_tokens, interventions, sizes):
     cut = {model.names.layer_names[-1]: reshaping(lambda a: a[:, -1:])}  # no logits for the shared tokens
     try:
         with Trace(model, mx.array([clean_tokens[:shared]]), interventions=cut, capture=[], keep="saved",
-                   cache=cache, eval_every=sizes.eval_every(1, shared)):
+                   should_stop=should_stop, cache=cache, eval_every=sizes.eval_every(1, shared)):
             pass
     except (TypeError, ValueError):  # a model whose call takes no cache=
         return None

@@ -642,10 +642,8 @@ def _array_inputs(model, inputs):
     ids = inputs
     tokens = ids.tolist()  # the ids must be checked before the embedding reads them (out of range: a crash)
     if ids.dtype in INTEGER_DTYPES:
-        vocab = model.embedding_rows
         for seq in tokens:  # the list made anyway: no second copy of the ids through numpy
-            if vocab is not None and seq and (min(seq) < 0 or max(seq) >= vocab):
-                check_ids(model, seq)
+            check_ids(model, seq)
     else:
         check_ids(model, ids)
     rows = list(range(len(tokens)))

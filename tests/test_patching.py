@@ -224,3 +224,13 @@ def test_a_pass_evaluated_as_it_goes_gives_the_same_recoveries(tiny, monkeypatch
     monkeypatch.setattr(analysis, "SMALL_PASS_BYTES", 0)  # every pass is "big": evaluated every 2 layers
     assert analysis._PassSizes(tiny).eval_every(3, len(prompts[0])) == analysis.EVAL_EVERY
     assert activation_patching(tiny, *prompts, component="mlp") == pytest.approx(whole, abs=1e-4)
+
+
+def test_a_sweep_with_a_shared_prefix_stops_inside_the_prefix_pass(tiny):
+    from mlxterp.errors import Interrupted
+
+    before = tiny.forward_count
+    with pytest.raises(Interrupted):
+        activation_patching(tiny, PREFIX_CLEAN, PREFIX_CORRUPTED, component="mlp", should_stop=lambda: True)
+    assert tiny.forward_count == before  # stopped in the first (prefix) pass, which never finished
+    assert len(activation_patching(tiny, PREFIX_CLEAN, PREFIX_CORRUPTED, layers=[1])) == 1  # still usable
