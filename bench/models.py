@@ -118,7 +118,8 @@ def interpretable(shape: str = "1b", dtype: str | None = None, quantized: bool =
 
 def prompt_pair(length: int, seed: int = 0, differ: str = "end") -> tuple[str, str]:
     """A clean and a corrupted prompt of ``length`` byte tokens (BOS included) differing in one word:
-    the last (``differ="end"``: they share all tokens before it) or the first (``"start"``)."""
+    the last (``differ="end"``: they share all tokens before it), the middle one (``"middle"``) or the
+    first (``"start"``)."""
     import random
 
     rng = random.Random(seed)
@@ -129,6 +130,9 @@ def prompt_pair(length: int, seed: int = 0, differ: str = "end") -> tuple[str, s
     text = " ".join(body)[: length - 1 - len(" Paris")].rstrip().ljust(length - 1 - len(" Paris"), ".")
     if differ == "start":
         return "Paris " + text, "Rome! " + text
+    if differ == "middle":
+        half = text.rfind(" ", 0, len(text) // 2) + 1
+        return text[:half] + "Paris " + text[half:], text[:half] + "Rome! " + text[half:]
     return text + " Paris", text + " Rome!"
 
 

@@ -92,9 +92,9 @@ def main():
     parser.add_argument("--component", default="mlp")
     parser.add_argument("--metric", default="l2")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--differ", choices=["end", "start"], default="end",
+    parser.add_argument("--differ", choices=["end", "middle", "start"], default="end",
                         help="where the prompts differ: in their last word (sharing every token before it, "
-                             "which the sweep runs once) or their first")
+                             "which the sweep runs once), a word in the middle, or their first")
     opts = parser.parse_args()
 
     if opts.shape == "demo":

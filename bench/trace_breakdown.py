@@ -103,7 +103,16 @@ def main():
             model.output.save()
 
     traces = {"default": trace_default, "everything": trace_everything, "restricted": trace_restricted}
-    runs = {"plain forward": lambda: mx.eval(base(ids))}
+    def plain_reading_ids():
+        ids.tolist()
+        mx.eval(base(ids))
+
+    def trace_default_saved_only():
+        with model.trace(ids, keep="saved"):
+            model.output.save()
+
+    runs = {"plain forward": lambda: mx.eval(base(ids)), "plain forward after ids.tolist()": plain_reading_ids,
+            "default, keep='saved'": trace_default_saved_only}
     for mode, (record, ordered, names_by_id, _) in plans.items():
         kept = []
         keeper = bare_keeper([m for _, m in ordered], kept)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import weakref
 from collections.abc import Mapping
 
 import mlx.core as mx
@@ -86,12 +87,16 @@ class Recorder:
     """Records outputs (and inputs) of named modules during one forward pass."""
 
     def __init__(self, names_by_id, interventions, should_stop=None, eval_at=(), stop_at=None,
-                 input_interventions=None):
+                 input_interventions=None, eval_ahead=False):
         self.names_by_id = names_by_id
         self.interventions = interventions
         self.input_interventions = input_interventions or {}  # changes of a module's first array argument
         self.should_stop = should_stop
         self.eval_at = set(eval_at)
+        # eval_ahead: at each of eval_at, start evaluating there and wait for the previous one only, so the
+        # device works on one stretch of layers while Python builds the next (and at most two are in memory).
+        self.eval_ahead = eval_ahead
+        self.pending = None
         self.stop_at = stop_at  # names where should_stop is asked (None: every recorded module)
         self.outputs: dict[str, mx.array] = {}
         self.inputs: dict[str, mx.array] = {}
@@ -121,7 +126,13 @@ class Recorder:
             self.calls[name] = self.calls.get(name, 1) + 1
         self.outputs[name] = _first_array(out)
         if name in self.eval_at:
-            mx.eval(self.outputs[name])  # so an interrupt lands between layers, not after the whole graph
+            if self.eval_ahead:
+                mx.async_eval(self.outputs[name])
+                if self.pending is not None:
+                    mx.eval(self.pending)
+                self.pending = self.outputs[name]
+            else:
+                mx.eval(self.outputs[name])  # so an interrupt lands between layers, not after the whole graph
         return out
 
 
@@ -144,7 +155,7 @@ def _apply(change, activation, name):
 
 
 def run_forward(model, call, modules_to_record, interventions, should_stop=None, eval_at=(), stop_at=None,
-                input_interventions=None, names_by_id=None):
+                input_interventions=None, names_by_id=None, eval_ahead=False):
     """Call ``call()`` with the given modules recorded; returns (output, recorder).
 
     Each recorded module's class is swapped for its traced subclass for the length of
@@ -156,7 +167,7 @@ def run_forward(model, call, modules_to_record, interventions, should_stop=None,
         raise TraceError("a forward pass is already being traced; traces cannot run inside one another's forward pass")
     if names_by_id is None:
         names_by_id = {id(module): name for name, module in modules_to_record}
-    recorder = Recorder(names_by_id, interventions, should_stop, eval_at, stop_at, input_interventions)
+    recorder = Recorder(names_by_id, interventions, should_stop, eval_at, stop_at, input_interventions, eval_ahead)
     originals = []
     # object.__setattr__: nn.Module.__setattr__ costs ~2 us a call in Python, twice per module per pass.
     set_class = object.__setattr__
@@ -324,6 +335,9 @@ class _Store:
             inputs.update((name, ran[name]) for name in self.layer_inputs if name in ran)
         self.ran = (tuple(outputs) if kept is not outputs else (), tuple(ran) if len(inputs) < len(ran) else ())
         self.outputs, self.inputs = kept, inputs
+        # Nothing but what is kept may be referenced while it is evaluated: MLX reuses the buffers of
+        # intermediates no one holds, and a pass holding every recorded output ran ~10 % slower on the GPU.
+        del outputs, ran
         if ok and (kept or inputs):
             mx.eval(list(kept.values()) + list(inputs.values()))
 
@@ -407,8 +421,9 @@ class Trace:
         self.tokens: list[list[int]] | None = None
         self.padding: list[int] = []
         self.cache = cache  # mlx-lm KV caches the forward pass continues (the library's own: a patching sweep)
-        # Evaluate every eval_every-th layer's output as the pass goes: a pass of many rows then holds a
-        # few layers' intermediates at a time (MLX-CUDA releases buffers only once the GPU is done with them).
+        # Evaluate every eval_every-th layer's output as the pass goes, one stretch ahead of the one waited
+        # for: a pass of many rows then holds a few layers' intermediates at a time (MLX-CUDA releases
+        # buffers only once the GPU is done with them) and the device does not wait for Python.
         self.eval_every = eval_every
         self._store = _Store(model, capture, keep)
         self.activations = Activations(self._store)
@@ -463,10 +478,12 @@ class Trace:
         record, ordered, names_by_id, layer_inputs = record_plan(model, self.capture, lean)
         extra = (set(interventions) | set(input_interventions)) - {OUTPUT} - record if interventions else set()
         should_stop, eval_at, stop_at, before_pass = self.should_stop, [], None, None
+        eval_ahead = False
         if should_stop is not None:
             eval_at = model.names.layer_names
         elif self.eval_every:
             eval_at = model.names.layer_names[self.eval_every - 1::self.eval_every]
+            eval_ahead = True
         extra |= set(eval_at) - record
         if should_stop is not None:
             if model.distributed_group is not None:
@@ -491,7 +508,7 @@ class Trace:
                 raise Interrupted("stopped before the forward pass")
             changes = {**interventions, **extra} if extra else interventions
             output, recorder = run_forward(model, call, ordered, changes, should_stop, eval_at, stop_at,
-                                           input_interventions, names_by_id)
+                                           input_interventions, names_by_id, eval_ahead)
             if recorder.calls:
                 model.repeated_calls.update(recorder.calls)
             if OUTPUT in interventions:
@@ -640,14 +657,34 @@ def _array_inputs(model, inputs):
     if inputs.ndim != 2:
         raise InputError(f"token ids must be 1-D or 2-D, got shape {tuple(inputs.shape)}")
     ids = inputs
-    tokens = ids.tolist()  # the ids must be checked before the embedding reads them (out of range: a crash)
+    tokens = _checked_tokens(model, ids)
+    rows = list(range(len(tokens)))
+    return [(rows, lambda: model.model(ids), {})], tokens, [0] * len(rows)
+
+
+# (weak reference to the last mx.array of ids checked, its rows as lists, the vocabulary size it was checked against)
+_last_checked = None
+
+
+def _checked_tokens(model, ids: mx.array) -> list[list[int]]:
+    """The rows of 2-D ``ids`` as lists, after checking they are in the vocabulary (an id out of range
+    crashes MLX's embedding). The last array checked is remembered (an mx.array never changes):
+    reading ids back after the GPU has used them took ~180 us on the H200 (the memory moves back to the
+    host), more than the rest of a restricted trace's Python, and loops trace the same ids again and again.
+    """
+    global _last_checked
+    vocab = model.embedding_rows
+    last = _last_checked
+    if last is not None and last[0]() is ids and last[2] == vocab:
+        return [list(row) for row in last[1]]
+    tokens = ids.tolist()
     if ids.dtype in INTEGER_DTYPES:
         for seq in tokens:  # the list made anyway: no second copy of the ids through numpy
             check_ids(model, seq)
     else:
         check_ids(model, ids)
-    rows = list(range(len(tokens)))
-    return [(rows, lambda: model.model(ids), {})], tokens, [0] * len(rows)
+    _last_checked = (weakref.ref(ids), tokens, vocab)
+    return [list(row) for row in tokens]
 
 
 LEARNED_POSITIONS = {"gpt2", "gpt_bigcode", "opt", "starcoder", "bloom"}

@@ -123,4 +123,7 @@ def blas_in_use() -> str:
             elif find_openblas() is None:
                 hint = "; install OpenBLAS (apt-get install libopenblas0-pthread) for ~5x faster matmuls"
             return f"reference BLAS bundled with MLX ({path}){hint}"
+    for path in sorted(libraries):
+        if os.path.basename(path).startswith("libcublas"):  # MLX's CUDA build (its wheel bundles no CPU BLAS)
+            return f"cuBLAS, on the GPU ({path})"
     return "unknown (no BLAS library mapped)"

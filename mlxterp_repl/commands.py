@@ -36,7 +36,8 @@ def status_text(stats: dict) -> str:
     state = model.get("state", "?")
     detail = ""
     if state == "ready" and "n_layers" in model:
-        detail = f" ({model['n_layers']} layers, hidden size {model.get('hidden_size', '?')})"
+        device = f", on {model['device']}" if model.get("device") else ""
+        detail = f" ({model['n_layers']} layers, hidden size {model.get('hidden_size', '?')}{device})"
     elif state == "loading":
         detail = f" ({model.get('message', '')}, {100 * model.get('progress', 0):.0f}%)"
     elif state == "failed":

@@ -371,8 +371,7 @@ class Daemon:
                     pass
             import mlx.core as mx  # loaded with the model already; imported here so hello stays light before
 
-            device = mx.default_device()
-            info["device"] = getattr(device.type, "name", str(device.type))
+            info["device"] = self.model.device  # e.g. "cpu", "gpu (cuda: NVIDIA H200)"
             info["memory"] = mx.get_active_memory()
         return info
 

@@ -306,6 +306,8 @@ class Repl:
         parts = [str(model.get("name", "?"))]
         if "n_layers" in model:
             parts.append(f"{model['n_layers']} layers, hidden size {model.get('hidden_size', '?')}")
+        if model.get("device"):
+            parts.append(f"on {model['device']}")
         return ", ".join(parts)
 
     def lost_daemon(self, exc: Exception) -> None:
@@ -512,12 +514,19 @@ def toolbar_text(stats: dict, memory: tuple, last_time: float | None, connected:
     parts.append(f"daemon {state}" + (f", {busy} running" if busy else ""))
     if last_time is not None:
         parts.append(f"last {last_time * 1000:.0f} ms" if last_time < 1 else f"last {last_time:.1f} s")
-    # Narrow terminals: leave out what is also in the banner (hidden size, layers), then the device.
-    for spare in (f"hidden {model.get('hidden_size')}", str(device), f"{model.get('n_layers')} layers"):
+    # Narrow terminals: leave out what is also in the banner (hidden size, layers), shorten the device
+    # to its kind ("gpu (cuda: NVIDIA H200)" -> "gpu"), and leave that out last.
+    kind = str(device).split(" ")[0]
+    for spare, shorter in ((f"hidden {model.get('hidden_size')}", None), (str(device), kind),
+                           (f"{model.get('n_layers')} layers", None), (kind, None)):
         if width is None or len(" │ ".join(parts)) + 2 <= width:
             break
         if spare in parts:
-            parts.remove(spare)
+            at = parts.index(spare)
+            if shorter is None:
+                del parts[at]
+            else:
+                parts[at] = shorter
     return " " + " │ ".join(parts) + " "
 
 

@@ -2,16 +2,38 @@
 
 import subprocess
 import sys
+import types
 
 import pytest
 
 from mlxterp import distributed
 
 
-def test_backend_defaults_to_any_on_cpu(monkeypatch):
+def gpu_with_nccl(monkeypatch, present: bool):
+    """Make this MLX look like a CUDA build on an NVIDIA GPU with NCCL (or like none)."""
+    cuda = getattr(distributed.mx, "cuda", None)
+    if cuda is None:
+        monkeypatch.setattr(distributed.mx, "cuda", types.SimpleNamespace(), raising=False)
+        cuda = distributed.mx.cuda
+    monkeypatch.setattr(cuda, "is_available", lambda: present)
+    monkeypatch.setattr(distributed.mx.distributed, "is_available", lambda backend="any": present or backend != "nccl")
+
+
+def test_backend_defaults_to_any_without_a_gpu(monkeypatch):
     monkeypatch.delenv("MLXTERP_DISTRIBUTED_BACKEND", raising=False)
-    monkeypatch.setenv("NCCL_HOST_IP", "127.0.0.1")  # even when launched for NCCL: there is no GPU here
+    monkeypatch.setenv("NCCL_HOST_IP", "127.0.0.1")  # even when launched for NCCL: there is no GPU
+    gpu_with_nccl(monkeypatch, False)
     assert distributed.backend_choice() == "any"
+
+
+def test_backend_is_nccl_on_a_gpu_when_launched_for_it(monkeypatch):
+    # (On the H200 machine this held without the stand-ins: its MLX-CUDA build has NCCL.)
+    monkeypatch.delenv("MLXTERP_DISTRIBUTED_BACKEND", raising=False)
+    gpu_with_nccl(monkeypatch, True)
+    monkeypatch.setenv("NCCL_HOST_IP", "127.0.0.1")
+    assert distributed.backend_choice() == "nccl"
+    monkeypatch.delenv("NCCL_HOST_IP")
+    assert distributed.backend_choice() == "any"  # a GPU alone is no launch for NCCL
 
 
 def test_backend_named_in_the_environment_wins(monkeypatch):

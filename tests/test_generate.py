@@ -62,7 +62,9 @@ def test_capture_per_step_matches_a_trace_of_the_whole_text(demo_model):
     ids = demo_model.encode(PROMPT) + result.tokens[:-1]
     with demo_model.trace([ids]):
         full = demo_model.layers[3].output.save()
-    np.testing.assert_allclose(result.stacked("layers.3"), np.array(full), atol=1e-4)
+    # float32 rounding only: a one-token step and a full pass sum in different orders (on the GPU,
+    # 2.4e-4 apart at values near 680).
+    np.testing.assert_allclose(result.stacked("layers.3"), np.array(full), rtol=1e-5, atol=1e-4)
     logits = result.activations["output"]
     assert [int(np.argmax(step[0, -1])) for step in logits] == result.tokens
 

@@ -332,13 +332,26 @@ def test_toolbar_shows_model_size_memory_status_and_last_query_time(client, tmp_
     typist = Typist(client, tmp_path)
     typist.run(PROMPT + CTRL_D)
     bar = typist.repl.toolbar()  # an 80-column terminal
-    assert "demo" in bar and "16 layers" in bar
-    assert re.search(r"│ (cpu|gpu) │", bar)  # the device MLX runs on
+    assert "demo" in bar
+    assert re.search(r"│ (cpu|gpu) │", bar)  # the device MLX runs on, by its kind when space is short
     assert re.search(r"\d+ MB resident, \d+ MB MLX", bar)  # the daemon's whole size, and MLX's part of it
     assert "daemon ready" in bar and re.search(r"last \d+ ms", bar)
     assert len(bar) <= 80
-    wide = toolbar_text(typist.repl.status, typist.repl.memory, typist.repl.last_time, True, width=120)
-    assert "hidden 128" in wide  # also in the banner, so a narrow terminal leaves it out
+    wide = toolbar_text(typist.repl.status, typist.repl.memory, typist.repl.last_time, True, width=160)
+    assert "16 layers" in wide and "hidden 128" in wide  # also in the banner, so a narrow terminal leaves them out
+    assert f"│ {client.hello['model']['device']} │" in wide
+
+
+def test_toolbar_shortens_a_long_device_name_before_leaving_it_out():
+    stats = {"model": {"name": "demo", "n_layers": 16, "hidden_size": 2048,
+                       "device": "gpu (cuda: NVIDIA H200)", "state": "ready"}}
+    memory = (1_635_000_000, 11_000_000)
+    wide = toolbar_text(stats, memory, 0.002, True, width=200)
+    assert "│ gpu (cuda: NVIDIA H200) │" in wide and "16 layers" in wide and "hidden 2048" in wide
+    bar = toolbar_text(stats, memory, 0.002, True, width=80)
+    assert "│ gpu │" in bar and len(bar) <= 80 and "hidden" not in bar
+    narrow = toolbar_text(stats, memory, 0.002, True, width=60)
+    assert "gpu" not in narrow and "layers" not in narrow and "daemon ready" in narrow
 
 
 def test_colon_commands(client, tmp_path):
@@ -348,6 +361,7 @@ def test_colon_commands(client, tmp_path):
     assert typist.code == 0
     assert all(name in output for name in (":help", ":model", ":clear", ":history", ":quit"))
     assert "model   demo: ready" in output  # :model
+    assert re.search(r"hidden size 128, on (cpu|gpu)", output)  # with the device it runs on
     assert re.search(r"^\s+1\s+info$", output, re.M)  # :history
     assert "unknown command ':nope'" in output
     assert "no prompt is set" not in output  # `tokens` after :quit never ran
