@@ -30,5 +30,5 @@ docs: $(STAMP)
 
 $(STAMP): pyproject.toml
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
-	$(VENV)/bin/python -m pip install -e ".[viz,docs,dev,train]"
+	$(VENV)/bin/python -m pip install -e ".[cpu,viz,docs,dev,train]"
 	touch $(STAMP)

@@ -30,13 +30,29 @@ def load_ipython_extension(ipython):
         loader.load()(ipython)
 
 
-def __getattr__(name):
+MLX_MISSING = ("MLX cannot be loaded ({error}). On Linux MLX comes with one backend, picked when installing: "
+               "pip install \"mlxterp[cpu]\", \"mlxterp[cuda]\" (CUDA 12) or \"mlxterp[cuda13]\"; "
+               "on macOS: pip install mlxterp")
+
+
+def _load(module: str):
     import importlib
 
+    try:
+        return importlib.import_module(module, __name__)
+    except ImportError as error:
+        # No MLX at all (a Linux install without a backend extra), or MLX's Python part without its library.
+        missing = getattr(error, "name", None) or ""
+        if missing == "mlx" or missing.startswith("mlx.") or "libmlx" in str(error):
+            raise ImportError(MLX_MISSING.format(error=error)) from error
+        raise
+
+
+def __getattr__(name):
     if name == "InterpretableModel":
-        return importlib.import_module(".model", __name__).InterpretableModel
+        return _load(".model").InterpretableModel
     if name in ("get_activations", "batch_get_activations"):
-        return getattr(importlib.import_module(".analysis", __name__), name)
+        return getattr(_load(".analysis"), name)
     if name == "interventions":
-        return importlib.import_module(".interventions", __name__)
+        return _load(".interventions")
     raise AttributeError(f"module 'mlxterp' has no attribute {name!r}")

@@ -351,6 +351,9 @@ def _patched_last_logits(model, clean_tokens, corrupted_tokens, jobs, names, int
     position only, the one the metric reads. A pass holds at most ``batch_size`` rows and what
     ``patch_budget_bytes`` allows; jobs go to passes in layer order.
 
+    When every job patches a whole layer, or a whole MLP in a sequential block, its row is not run
+    at its layer: it joins after it, computed from rows 0 and 1 (``_computed_after_layer``).
+
     When the prompts share their first tokens, a causal model computes the same values there in every
     row, clean, corrupted or patched (a patch copies clean values, equal to the corrupted ones on the
     shared tokens). Those tokens then run once, into a KV cache, and every pass continues it with the
@@ -465,26 +468,39 @@ def _patch_pass(model, clean_tokens, corrupted_tokens, jobs, names, intervention
     length = len(clean_tokens)
     if start:
         jobs = [(layer, None if p is None else p % length - start) for layer, p in jobs]
-    from_start = [job for job in jobs if not join_late or job[0] == 0]
-    joining: Dict[int, int] = {}
-    if join_late:
-        for layer, _ in jobs:
-            if layer > 0:
-                joining[layer] = joining.get(layer, 0) + 1
-    growth = {}
+    shortcut = _computed_after_layer(model, jobs, names) if join_late and not interventions else None
+    from_start = [job for job in jobs if not join_late or (job[0] == 0 and shortcut is None)]
+    growth, rows_at_layer, capture = {}, [], []
     rows_before = 2 + len(from_start)
-    rows_at_layer = []
-    for layer in range(len(layer_names)):
-        if layer in joining:
-            growth[layer_names[layer - 1]] = _join_rows(rows_before, joining[layer])
-            rows_before += joining[layer]
-        rows_at_layer.append(rows_before)
+    if shortcut is not None:
+        # Each row joins after its layer, computed from rows 0 and 1 instead of running the layer.
+        joining: Dict[int, list] = {}
+        for layer, position in jobs:
+            joining.setdefault(layer, []).append(position)
+        for layer in range(len(layer_names)):
+            rows_at_layer.append(rows_before)
+            if layer in joining:
+                growth[layer_names[layer]] = _join_patched(rows_before, joining[layer], shortcut[layer])
+                rows_before += len(joining[layer])
+        capture = sorted({name for pair in shortcut.values() if pair for name in pair})
+        patches = _last_mlp_at_last_position(model) if last_only else {}
+    else:
+        counts: Dict[int, int] = {}
+        if join_late:
+            for layer, _ in jobs:
+                if layer > 0:
+                    counts[layer] = counts.get(layer, 0) + 1
+        for layer in range(len(layer_names)):
+            if layer in counts:
+                growth[layer_names[layer - 1]] = _join_rows(rows_before, counts[layer])
+                rows_before += counts[layer]
+            rows_at_layer.append(rows_before)
+        patches = _row_patches(jobs, names, first_row=2, source=lambda layer: None)
     cut = {layer_names[-1]: reshaping(lambda a: a[:, -1:])} if last_only else {}
     batch = mx.array([clean_tokens[start:]] + [corrupted_tokens[start:]] * (1 + len(from_start)))
-    patches = _row_patches(jobs, names, first_row=2, source=lambda layer: None)
     changes = combined(interventions, patches, growth, cut, resolve=model.expand)
     cache = None if prefix is None else _continued_caches(prefix, rows_at_layer)
-    with Trace(model, batch, interventions=changes, capture=[], should_stop=should_stop, keep="saved",
+    with Trace(model, batch, interventions=changes, capture=capture, should_stop=should_stop, keep="saved",
                cache=cache, eval_every=sizes.eval_every(2 + len(jobs), length - start, start)):
         logits = model.output.save()
     if logits.ndim < 2 or logits.shape[0] != 2 + len(jobs):
@@ -502,6 +518,88 @@ def _join_rows(expected: int, count: int):
             raise _NotLayerByLayer("a layer ran twice or on another batch")
         copies = mx.broadcast_to(activation[1:2], (count,) + activation.shape[1:])
         return mx.concatenate([activation, copies], axis=0)
+
+    return join
+
+
+def _computed_after_layer(model, jobs, names) -> Optional[Dict[int, Optional[Tuple[str, str]]]]:
+    """``{layer: how its patched rows are computed}`` when every job's row can join after its layer
+    without running it, else None: ``None`` for a whole layer's output (the clean row's output there),
+    ``(mid module, mlp_out module)`` for a sequential block's MLP (``hooks.sequential_parts``).
+
+    Such a block's output is ``resid_mid + mlp_out``; in a row patched at its MLP, ``resid_mid`` is the
+    corrupted row's (the layers and the attention before it are unchanged) and ``mlp_out`` the clean
+    row's. Either way a sweep over L layers saves L layer-rows of its L(L+1)/2 + 2L.
+    """
+    from . import hooks
+
+    found: Dict[int, Optional[Tuple[str, str]]] = {}
+    for layer, _ in jobs:
+        if layer in found:
+            continue
+        block = model.names.layer_names[layer]
+        if names[layer] == block:
+            found[layer] = None
+            continue
+        parts = hooks.sequential_parts(model, block)
+        try:
+            mlp = component_name(model, layer, "mlp")
+        except MlxterpError:
+            return None
+        if parts is None or names[layer] != mlp:
+            return None
+        found[layer] = (parts["mid"], parts["mlp_out"])
+    return found
+
+
+def _last_mlp_at_last_position(model) -> Dict[str, object]:
+    """An intervention running the last layer's MLP at the last position only, when the pass reads the
+    last layer's output there only and nothing reads that MLP's output elsewhere (no job patches it).
+
+    An MLP acts on each position alone, and a sequential block adds its output to the residual stream:
+    the one row broadcasts over the positions, whose sums nobody reads. Not where the MLP's own input
+    is ``resid_mid`` (OLMo 2), which the MLP-patched rows read."""
+    from . import hooks
+
+    last = len(model.names.layer_names) - 1
+    parts = hooks.sequential_parts(model, model.names.layer_names[last])
+    try:
+        mlp = component_name(model, last, "mlp")
+    except MlxterpError:
+        return {}
+    if parts is None or parts["mid"] == mlp:
+        return {}
+    return {f"{mlp}.input": reshaping(lambda a: a[:, -1:])}
+
+
+def _join_patched(expected: int, positions: List[Optional[int]], how: Optional[Tuple[str, str]]):
+    """Layer output -> the same with one row per position appended: the corrupted row patched at this
+    layer from the clean row (at one position, or at all for None). ``how`` (see
+    ``_computed_after_layer``): None when the whole layer is patched, else the (mid, mlp_out) modules
+    whose resid_mid (row 1) + mlp_out (row 0) the pass records."""
+    from . import trace
+
+    calls = []
+
+    def join(activation: mx.array) -> mx.array:
+        calls.append(1)
+        if len(calls) > 1 or activation.shape[0] != expected:
+            raise _NotLayerByLayer("a layer ran twice or on another batch")
+        if how is None:
+            patched = activation[0:1]
+        else:
+            mid, mlp_out = how
+            recorder = trace._active_recorder
+            if mid not in recorder.inputs or mlp_out not in recorder.outputs:
+                raise _NotLayerByLayer(f"{mid} or {mlp_out} was not called with the residual stream")
+            patched = (recorder.inputs[mid][1:2] + recorder.outputs[mlp_out][0:1]).astype(activation.dtype)
+            if patched.shape[1:] != activation.shape[1:]:
+                raise _NotLayerByLayer(f"resid_mid + mlp_out has shape {patched.shape}, the layer's output "
+                                       f"{activation.shape}")
+        index = mx.arange(activation.shape[1]).reshape(1, -1, *([1] * (activation.ndim - 2)))
+        rows = [patched if p is None else mx.where(index == p % activation.shape[1], patched, activation[1:2])
+                for p in positions]
+        return mx.concatenate([activation] + rows, axis=0)
 
     return join
 

@@ -39,9 +39,11 @@ class Block:
     """Where one mlx-lm block's residual additions are (names relative to the block; the core's
     aliases `attn` and `mlp` stand for whatever the architecture calls them).
 
-    ``attn_out`` / ``mlp_out``: the module whose output the block adds to the residual stream.
-    ``mid``: the module whose input is the residual stream between the two, or None for a
-    parallel block (attention and MLP both read ``resid_pre``)."""
+    ``attn_out`` / ``mlp_out``: the module whose output the block adds to the residual stream:
+    the attention / MLP itself, or a norm of that module's output alone (Gemma 2's
+    ``post_feedforward_layernorm``). ``mid``: the module whose input is the residual stream
+    between the two, or None for a parallel block (attention and MLP both read ``resid_pre``).
+    A sequential block's output is then exactly ``resid_mid + mlp_out``."""
 
     attn_out: str = "attn"
     mlp_out: str = "mlp"
@@ -169,6 +171,15 @@ def point(model, full: str) -> Optional[Point]:
 
 def _block_parts(model, layer: str) -> dict:
     layout = block_layout(model.names.modules[layer])
+    return _block_modules(model.names.table, layer, layout)
+
+
+def sequential_parts(model, layer: str) -> Optional[dict]:
+    """Full names of block ``layer``'s ``attn_out``, ``mlp_out`` and ``mid`` modules when it is a
+    sequential block of ``BLOCKS`` (its output is ``resid_mid + mlp_out``), else None."""
+    layout = block_layout(model.names.modules[layer])
+    if layout is None or layout.mid is None:
+        return None
     return _block_modules(model.names.table, layer, layout)
 
 

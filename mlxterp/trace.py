@@ -683,8 +683,15 @@ def _checked_tokens(model, ids: mx.array) -> list[list[int]]:
             check_ids(model, seq)
     else:
         check_ids(model, ids)
-    _last_checked = (weakref.ref(ids), tokens, vocab)
+    _last_checked = (weakref.ref(ids, _forget_checked), tokens, vocab)
     return [list(row) for row in tokens]
+
+
+def _forget_checked(ref) -> None:
+    """The last checked array is gone: so are its rows (a big batch's lists are megabytes)."""
+    global _last_checked
+    if _last_checked is not None and _last_checked[0] is ref:
+        _last_checked = None
 
 
 LEARNED_POSITIONS = {"gpt2", "gpt_bigcode", "opt", "starcoder", "bloom"}

@@ -1,6 +1,6 @@
 """Which BLAS MLX uses on the CPU, and switching the `mlxterp` command to a fast one.
 
-MLX's Linux CPU wheel bundles the reference BLAS (`mlx_cpu.libs/libblas-*.so`), about five
+MLX's Linux wheels bundle the reference BLAS (`mlx_cpu.libs/libblas-*.so`), about five
 times slower at matmuls than an optimized OpenBLAS. When the system has OpenBLAS, the
 `mlxterp` command re-executes itself once with it in LD_PRELOAD, so the daemon, the REPL and
 scripts all get the fast one. Set MLXTERP_NO_OPENBLAS=1 to opt out.
@@ -112,18 +112,21 @@ def blas_in_use() -> str:
             libraries = {line.split()[-1] for line in maps if "/" in line}
     except OSError:
         return "unknown (/proc/self/maps is not readable)"
+    # MLX's CUDA build multiplies on the GPU with cuBLAS; its CPU backend still has a BLAS of its own.
+    cublas = next((p for p in sorted(libraries) if os.path.basename(p).startswith("libcublas")), None)
+    on_gpu = f"; cuBLAS on the GPU ({cublas})" if cublas else ""
     for path in sorted(libraries):
         if "libopenblas" in os.path.basename(path):
-            return f"OpenBLAS ({path})"
+            return f"OpenBLAS ({path}){on_gpu}"
     for path in sorted(libraries):
-        if "mlx_cpu.libs" in path and os.path.basename(path).startswith("libblas"):
+        folder = os.path.basename(os.path.dirname(path))  # mlx_cpu.libs, mlx_cuda_13.libs, ...
+        if folder.startswith("mlx_") and folder.endswith(".libs") and os.path.basename(path).startswith("libblas"):
             hint = ""
             if opted_out():
                 hint = f"; {OPT_OUT_VAR} is set"
             elif find_openblas() is None:
-                hint = "; install OpenBLAS (apt-get install libopenblas0-pthread) for ~5x faster matmuls"
-            return f"reference BLAS bundled with MLX ({path}){hint}"
-    for path in sorted(libraries):
-        if os.path.basename(path).startswith("libcublas"):  # MLX's CUDA build (its wheel bundles no CPU BLAS)
-            return f"cuBLAS, on the GPU ({path})"
+                hint = "; install OpenBLAS (apt-get install libopenblas0-pthread) for ~5x faster CPU matmuls"
+            return f"reference BLAS bundled with MLX ({path}){hint}{on_gpu}"
+    if cublas:
+        return f"cuBLAS, on the GPU ({cublas})"
     return "unknown (no BLAS library mapped)"

@@ -14,6 +14,7 @@ from mlx.utils import tree_flatten
 
 from architectures import ARCHITECTURES, HIDDEN, N_LAYERS, QUANTIZED, VOCAB, tiny_model, tiny_quantized
 from mlxterp import InterpretableModel
+from mlxterp.errors import MlxterpError
 from mlxterp.analysis import activation_patching
 from mlxterp.trace import supports_left_padding
 
@@ -270,14 +271,35 @@ def one_run_per_layer(model, component):
     return recovery
 
 
+def failed_passes(monkeypatch) -> list:
+    """The errors of patching passes from now on: a pass that fails falls back to a slower way, which
+    gives the same numbers, so only this says the faster way was the one that ran."""
+    import mlxterp.analysis as analysis
+
+    failed = []
+    patch_pass = analysis._patch_pass
+
+    def recording(*args, **kwargs):
+        try:
+            return patch_pass(*args, **kwargs)
+        except Exception as error:
+            failed.append(error)
+            raise
+
+    monkeypatch.setattr(analysis, "_patch_pass", recording)
+    return failed
+
+
 @each_architecture
 def test_patching_sweep_equals_one_run_per_layer(arch, monkeypatch):
-    """The sweep adds each patched row at its layer's input and decodes the last position only;
-    that must give what running each patched prompt on its own gives, on every architecture. The
-    prompts share their first 3 tokens: run once into a KV cache where the model's caches allow it."""
+    """The sweep computes each row patched at a whole layer from the clean and corrupted rows and
+    adds it after that layer, and decodes the last position only; that must give what running each
+    patched prompt on its own gives, on every architecture. The prompts share their first 3 tokens:
+    run once into a KV cache where the model's caches allow it."""
     import mlxterp.analysis as analysis
 
     model = InterpretableModel(tiny_model(arch))
+    failed = failed_passes(monkeypatch)
     reference = one_run_per_layer(model, "layer")
     batched = activation_patching(model, CLEAN, CORRUPTED, component="layer")
     assert all(abs(batched[k] - reference[k]) <= 1e-4 * max(100.0, abs(reference[k])) for k in reference), \
@@ -289,3 +311,32 @@ def test_patching_sweep_equals_one_run_per_layer(arch, monkeypatch):
         ("shared prefix", dict(batched), reference)
     if arch in PLAIN_KV_CACHE:  # the prefix pass, then one pass of the rest
         assert model.forward_count - before == 2, arch
+    assert not failed, (arch, failed)
+
+
+@each_architecture
+def test_mlp_patching_equals_one_run_per_layer(arch, monkeypatch):
+    """Patching MLPs: in a sequential block (hooks.sequential_parts) a patched row's layer output is
+    computed as resid_mid + mlp_out from the corrupted and clean rows, and the row joins after its
+    layer; elsewhere it runs the layer. Both must give what one patched run per layer gives, and the
+    computed rows must be what the sweep used (no pass fell back to another way)."""
+    import mlxterp.analysis as analysis
+    from mlxterp import hooks
+
+    model = InterpretableModel(tiny_model(arch))
+    try:
+        names = {layer: analysis.component_name(model, layer, "mlp") for layer in range(model.n_layers)}
+    except MlxterpError:
+        pytest.xfail(f"{arch} has no MLP in every layer")
+    failed = failed_passes(monkeypatch)
+    reference = one_run_per_layer(model, "mlp")
+    for prefix in (16, 1):  # without, then with the shared prefix run once
+        monkeypatch.setattr(analysis, "prefix_min_tokens", prefix)
+        batched = activation_patching(model, CLEAN, CORRUPTED, component="mlp")
+        assert all(abs(batched[k] - reference[k]) <= 1e-4 * max(100.0, abs(reference[k])) for k in reference), \
+            (prefix, dict(batched), reference)
+    jobs = [(layer, None) for layer in range(model.n_layers)]
+    sequential = all(hooks.sequential_parts(model, block) is not None for block in model.names.layer_names)
+    assert (analysis._computed_after_layer(model, jobs, names) is not None) == sequential, arch
+    if sequential:
+        assert not failed, (arch, failed)

@@ -70,8 +70,8 @@ def test_opt_out_keeps_mlx_bundled_blas():
     out = version_output(clean_env(MLXTERP_NO_OPENBLAS="1"))
     if mlx_cpu_wheel():
         assert "BLAS: reference BLAS bundled with MLX" in out, out
-    else:  # MLX's CUDA build: matrix products run on the GPU (checked on the H200 machine)
-        assert "BLAS: cuBLAS, on the GPU" in out, out
+    else:  # MLX's CUDA build: matrix products run on the GPU (on the H200 machine: libcublas mapped)
+        assert "BLAS: " in out and "cuBLAS" in out, out
     assert "libopenblas" not in out
 
 
@@ -135,7 +135,7 @@ def test_make_targets_run_the_tour_the_suite_and_the_docs():
 def test_make_reinstalls_venv_when_pyproject_changes():
     # -W pretends pyproject.toml was just edited: the stamp is stale, so the install runs first.
     out = make_dry_run("-W", "pyproject.toml", "test")
-    assert 'pip install -e ".[viz,docs,dev,train]"' in out
+    assert 'pip install -e ".[cpu,viz,docs,dev,train]"' in out  # cpu: MLX's backend on Linux
     assert out.index("pip install -e") < out.index("-m pytest")
 
 
@@ -146,3 +146,39 @@ def test_ci_script_is_strict_bash_running_make_test():
     assert "set -euo pipefail" in text
     assert text.rstrip().endswith("make test")
     assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+
+
+def test_mlx_backends_on_linux_are_extras_one_per_environment():
+    """MLX's Linux wheels (mlx-cpu, mlx-cuda-12, mlx-cuda-13) all provide mlx/lib/libmlx.so: with two
+    installed, whichever pip wrote last runs (seen here: mlx[cpu] and mlx[cuda13] together left the
+    CPU library or the CUDA one depending on how they were named). So no Linux backend is a base
+    dependency, and each extra brings exactly one."""
+    import tomllib
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    for requirement in project["dependencies"]:
+        name = requirement.split(";")[0].strip()
+        if name.startswith("mlx") and not name.startswith("mlx-lm"):
+            assert "sys_platform == 'darwin'" in requirement, requirement
+    extras = project["optional-dependencies"]
+    backends = {}
+    for extra in ("cpu", "cuda", "cuda12", "cuda13"):
+        mlx = [r.split(";")[0].strip() for r in extras[extra] if r.startswith("mlx[")]
+        assert len(mlx) == 1, (extra, extras[extra])
+        backends[extra] = mlx[0]
+    assert backends == {"cpu": "mlx[cpu]", "cuda": "mlx[cuda12]", "cuda12": "mlx[cuda12]", "cuda13": "mlx[cuda13]"}
+    assert not any(r.startswith("mlx[") for extra in ("viz", "docs", "dev", "train") for r in extras[extra])
+
+
+def test_a_missing_mlx_names_the_extras_to_install():
+    code = ("import importlib.abc, sys\n"  # as if no backend extra had been installed: no mlx package
+            "class NoMLX(importlib.abc.MetaPathFinder):\n"
+            "    def find_spec(self, name, path=None, target=None):\n"
+            "        if name == 'mlx' or name.startswith('mlx.'):\n"
+            "            raise ModuleNotFoundError(f'No module named {name!r}', name=name)\n"
+            "sys.meta_path.insert(0, NoMLX())\n"
+            "import mlxterp\n"
+            "try:\n    mlxterp.InterpretableModel\nexcept ImportError as e:\n    print(e)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert 'pip install "mlxterp[cpu]", "mlxterp[cuda]" (CUDA 12) or "mlxterp[cuda13]"' in done.stdout, done.stdout

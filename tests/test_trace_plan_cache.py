@@ -86,3 +86,14 @@ def test_the_remembered_check_follows_the_model_vocabulary(model):
     with pytest.raises(InputError, match="outside the vocabulary: ids run from 0 to 49"):
         with small.trace(ids):
             pass
+
+
+def test_the_remembered_rows_go_with_their_array(model):
+    from mlxterp import trace as trace_module
+
+    ids = mx.array(IDS)
+    with model.trace(ids):
+        pass
+    assert trace_module._last_checked is not None
+    del ids
+    assert trace_module._last_checked is None  # no token lists outlive the array they came from
