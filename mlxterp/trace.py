@@ -18,7 +18,6 @@ from __future__ import annotations
 import functools
 import logging
 import os
-import weakref
 from collections.abc import Mapping
 
 import mlx.core as mx
@@ -657,41 +656,17 @@ def _array_inputs(model, inputs):
     if inputs.ndim != 2:
         raise InputError(f"token ids must be 1-D or 2-D, got shape {tuple(inputs.shape)}")
     ids = inputs
-    tokens = _checked_tokens(model, ids)
-    rows = list(range(len(tokens)))
-    return [(rows, lambda: model.model(ids), {})], tokens, [0] * len(rows)
-
-
-# (weak reference to the last mx.array of ids checked, its rows as lists, the vocabulary size it was checked against)
-_last_checked = None
-
-
-def _checked_tokens(model, ids: mx.array) -> list[list[int]]:
-    """The rows of 2-D ``ids`` as lists, after checking they are in the vocabulary (an id out of range
-    crashes MLX's embedding). The last array checked is remembered (an mx.array never changes):
-    reading ids back after the GPU has used them took ~180 us on the H200 (the memory moves back to the
-    host), more than the rest of a restricted trace's Python, and loops trace the same ids again and again.
-    """
-    global _last_checked
-    vocab = model.embedding_rows
-    last = _last_checked
-    if last is not None and last[0]() is ids and last[2] == vocab:
-        return [list(row) for row in last[1]]
+    # Read and checked every time, before the embedding reads them (an id out of range crashes it). Not
+    # remembered per array: `ids[0, 0] = 10**9` changes an mx.array in place, the same Python object.
+    # (On the H200 reading ids back after the GPU used them costs ~50-180 us.)
     tokens = ids.tolist()
     if ids.dtype in INTEGER_DTYPES:
         for seq in tokens:  # the list made anyway: no second copy of the ids through numpy
             check_ids(model, seq)
     else:
         check_ids(model, ids)
-    _last_checked = (weakref.ref(ids, _forget_checked), tokens, vocab)
-    return [list(row) for row in tokens]
-
-
-def _forget_checked(ref) -> None:
-    """The last checked array is gone: so are its rows (a big batch's lists are megabytes)."""
-    global _last_checked
-    if _last_checked is not None and _last_checked[0] is ref:
-        _last_checked = None
+    rows = list(range(len(tokens)))
+    return [(rows, lambda: model.model(ids), {})], tokens, [0] * len(rows)
 
 
 LEARNED_POSITIONS = {"gpt2", "gpt_bigcode", "opt", "starcoder", "bloom"}
