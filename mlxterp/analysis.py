@@ -531,25 +531,32 @@ def _computed_after_layer(model, jobs, names) -> Optional[Dict[int, Optional[Tup
     corrupted row's (the layers and the attention before it are unchanged) and ``mlp_out`` the clean
     row's. Either way a sweep over L layers saves L layer-rows of its L(L+1)/2 + 2L.
     """
-    from . import hooks
-
     found: Dict[int, Optional[Tuple[str, str]]] = {}
     for layer, _ in jobs:
         if layer in found:
             continue
-        block = model.names.layer_names[layer]
-        if names[layer] == block:
+        if names[layer] == model.names.layer_names[layer]:
             found[layer] = None
             continue
-        parts = hooks.sequential_parts(model, block)
-        try:
-            mlp = component_name(model, layer, "mlp")
-        except MlxterpError:
+        mlp = _sequential_mlp(model, layer)
+        if mlp is None or names[layer] != mlp[0]:
             return None
-        if parts is None or names[layer] != mlp:
-            return None
-        found[layer] = (parts["mid"], parts["mlp_out"])
+        found[layer] = mlp[1:]
     return found
+
+
+def _sequential_mlp(model, layer: int) -> Optional[Tuple[str, str, str]]:
+    """(MLP, mid, mlp_out) full module names of layer ``layer`` when it is a sequential block with an
+    MLP (``hooks.sequential_parts``), else None."""
+    from . import hooks
+
+    parts = hooks.sequential_parts(model, model.names.layer_names[layer])
+    if parts is None:
+        return None
+    try:
+        return component_name(model, layer, "mlp"), parts["mid"], parts["mlp_out"]
+    except MlxterpError:
+        return None
 
 
 def _last_mlp_at_last_position(model) -> Dict[str, object]:
@@ -559,17 +566,10 @@ def _last_mlp_at_last_position(model) -> Dict[str, object]:
     An MLP acts on each position alone, and a sequential block adds its output to the residual stream:
     the one row broadcasts over the positions, whose sums nobody reads. Not where the MLP's own input
     is ``resid_mid`` (OLMo 2), which the MLP-patched rows read."""
-    from . import hooks
-
-    last = len(model.names.layer_names) - 1
-    parts = hooks.sequential_parts(model, model.names.layer_names[last])
-    try:
-        mlp = component_name(model, last, "mlp")
-    except MlxterpError:
+    mlp = _sequential_mlp(model, len(model.names.layer_names) - 1)
+    if mlp is None or mlp[1] == mlp[0]:
         return {}
-    if parts is None or parts["mid"] == mlp:
-        return {}
-    return {f"{mlp}.input": reshaping(lambda a: a[:, -1:])}
+    return {f"{mlp[0]}.input": reshaping(lambda a: a[:, -1:])}
 
 
 def _join_patched(expected: int, positions: List[Optional[int]], how: Optional[Tuple[str, str]]):

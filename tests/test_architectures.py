@@ -327,7 +327,11 @@ def test_mlp_patching_equals_one_run_per_layer(arch, monkeypatch):
     try:
         names = {layer: analysis.component_name(model, layer, "mlp") for layer in range(model.n_layers)}
     except MlxterpError:
-        pytest.xfail(f"{arch} has no MLP in every layer")
+        # A model without an MLP in every layer (Mamba): the sweep says so, naming the modules it has.
+        with pytest.raises(MlxterpError, match=r"no module named 'layers\.\d+\.mlp'; did you mean"):
+            activation_patching(model, CLEAN, CORRUPTED, component="mlp")
+        assert arch == "mamba", arch  # the only one of the battery; another would want a look
+        return
     failed = failed_passes(monkeypatch)
     reference = one_run_per_layer(model, "mlp")
     for prefix in (16, 1):  # without, then with the shared prefix run once
