@@ -622,12 +622,12 @@ def prepare_inputs(model, inputs):
     longest = max(lengths)
     padding = [longest - n for n in lengths]
     if len(set(lengths)) == 1:
-        ids = mx.array(inputs)
+        ids = model_ids(inputs)
         return [(list(range(len(inputs))), lambda: model.model(ids), {})], [list(s) for s in inputs], padding
     if supports_left_padding(model.model):
         from mlx_lm.models.cache import BatchKVCache
 
-        ids = mx.array([[0] * p + list(seq) for p, seq in zip(padding, inputs)])
+        ids = model_ids([[0] * p + list(seq) for p, seq in zip(padding, inputs)])
 
         def call():
             # A pipeline stage keeps caches for its own layers only (mlx-lm's Model.layers).
@@ -655,18 +655,41 @@ def _array_inputs(model, inputs):
         inputs = inputs[None]
     if inputs.ndim != 2:
         raise InputError(f"token ids must be 1-D or 2-D, got shape {tuple(inputs.shape)}")
-    ids = inputs
-    # Read and checked every time, before the embedding reads them (an id out of range crashes it). Not
-    # remembered per array: `ids[0, 0] = 10**9` changes an mx.array in place, the same Python object.
-    # (On the H200 reading ids back after the GPU used them costs ~50-180 us.)
-    tokens = ids.tolist()
-    if ids.dtype in INTEGER_DTYPES:
+    # Read and checked every time, before the embedding reads them (an id out of range crashes it).
+    tokens = inputs.tolist()
+    if inputs.dtype in INTEGER_DTYPES:
         for seq in tokens:  # the list made anyway: no second copy of the ids through numpy
             check_ids(model, seq)
+        ids = model_ids(tokens, inputs.dtype)
     else:
-        check_ids(model, ids)
+        check_ids(model, inputs)
+        ids = inputs
     rows = list(range(len(tokens)))
     return [(rows, lambda: model.model(ids), {})], tokens, [0] * len(rows)
+
+
+# The model reads an array of ids made from the ones checked, never the caller's own: the caller's may
+# change after the check (`ids[0, 0] = 10**9` or a numpy view writes an mx.array in place), and on a
+# GPU, reading back ids the GPU has read costs 50-110 us (MLX-CUDA's unified memory moves their pages
+# back), while the caller's array, never read there, stays cheap to check. The last one made is used
+# again while the ids are the same (a prompt traced again is not copied to the device again).
+_model_ids = None  # (dtype, rows, mx.array)
+MODEL_IDS_CACHED = 1 << 16  # ids, at most, in the array kept for next time
+
+
+def model_ids(rows: list, dtype=mx.int32) -> mx.array:
+    """An mx.array of ``rows`` (lists of checked token ids) for the model to read, new or the last one."""
+    global _model_ids
+    last = _model_ids
+    if last is not None and last[0] == dtype and last[1] == rows:
+        ids = last[2]
+    else:
+        ids = mx.array(rows, dtype=dtype)
+        if rows and len(rows) * len(rows[0]) <= MODEL_IDS_CACHED:
+            _model_ids = (dtype, [list(r) for r in rows], ids)
+    # A copy made on the device, not the kept array: what the trace hands out (the embedding's recorded
+    # input) may be written in place, through a numpy view too, and must not change the kept one.
+    return ids + 0
 
 
 LEARNED_POSITIONS = {"gpt2", "gpt_bigcode", "opt", "starcoder", "bloom"}

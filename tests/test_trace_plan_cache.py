@@ -69,3 +69,51 @@ def test_an_array_of_ids_changed_in_place_is_checked_again(model):
     with pytest.raises(InputError, match="token id 100 is outside the vocabulary"):
         with model.trace(ids):
             pass
+
+
+def embedding_input(model, ids):
+    with model.trace(ids, keep="saved") as trace:
+        seen = trace.save(model.names.find("embed"), "input")
+        logits = model.output.save()
+    return trace, seen, logits
+
+
+def test_the_model_reads_its_own_copy_of_the_ids_it_checked(model):
+    import numpy as np
+
+    ids = mx.array(IDS)
+    _, seen, logits = embedding_input(model, ids)
+    assert seen is not ids and mx.array_equal(seen, ids)
+    ids[0, 0] = 7  # the caller's array changed after the trace: the trace's values did not
+    assert mx.array_equal(seen, mx.array(IDS))
+    # Written through a numpy view, what the trace handed out changes; the next trace of the same ids does not.
+    view = np.array(seen, copy=False)
+    view[0, 0] = 99
+    _, again, logits_again = embedding_input(model, mx.array(IDS))
+    assert again.tolist() == IDS and mx.array_equal(logits_again, logits)
+    assert mx.array_equal(logits, model.model(mx.array(IDS)))
+
+
+def test_ids_traced_again_reuse_the_array_made_for_them(model):
+    from mlxterp import trace as trace_module
+
+    embedding_input(model, mx.array(IDS))
+    kept = trace_module._model_ids[2]
+    embedding_input(model, IDS)  # the same ids as a list
+    assert trace_module._model_ids[2] is kept
+    trace, _, _ = embedding_input(model, mx.array([[1, 5, 9, 3], [3, 3, 7, 8]]))  # other ids: another array
+    other = trace_module._model_ids[2]
+    assert other is not kept and trace.tokens[0][-1] == 3
+    trace.tokens[0][0] = 42  # the trace's tokens are the caller's to change, not the kept copy
+    embedding_input(model, [[1, 5, 9, 3], [3, 3, 7, 8]])
+    assert trace_module._model_ids[2] is other and trace_module._model_ids[1][0][0] == 1
+
+
+def test_big_inputs_are_not_kept_for_next_time(model, monkeypatch):
+    from mlxterp import trace as trace_module
+
+    monkeypatch.setattr(trace_module, "MODEL_IDS_CACHED", 4)
+    embedding_input(model, [[1, 2, 3]])
+    _, _, logits = embedding_input(model, IDS)  # 8 ids, over the bound
+    assert trace_module._model_ids[1] == [[1, 2, 3]]
+    assert mx.array_equal(logits, model.model(mx.array(IDS)))
