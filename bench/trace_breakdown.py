@@ -12,8 +12,9 @@ restricted) and the modules each records:
   checks, no keep rule), its outputs evaluated;
 - the trace itself;
 
-and, with ``mx.eval`` stubbed out, the Python each adds on this host (best of N), plus
-graph building alone and ``ids.tolist()``.
+the three stages of a plain forward pass and of capture everything timed apart (building the
+graph, evaluating it, dropping it), and, with ``mx.eval`` stubbed out, the Python each adds on this
+host (best of N), plus graph building alone and ``ids.tolist()``.
 
     python bench/trace_breakdown.py --shape 1b          # on the GPU machine
     python bench/trace_breakdown.py --shape 1b-small --dtype float32
@@ -22,6 +23,7 @@ graph building alone and ``ids.tolist()``.
 import argparse
 import gc
 import os
+import statistics
 import sys
 import time
 
@@ -63,6 +65,48 @@ def bare_keeper(modules, kept):
                 set_class(module, "__class__", cls)
 
     return wrapped
+
+
+def print_stages(model, base, ids, plain_ids, repeats):
+    """Medians of the three stages of a plain forward pass and of a capture-everything trace, timed
+    apart in the same rounds: building the graph (Python), evaluating it (the device and MLX's own
+    host work) and dropping the result."""
+    clock = time.perf_counter
+    times = {}
+
+    def note(name, seconds):
+        times.setdefault(name, []).append(seconds)
+
+    def plain():
+        t0 = clock()
+        out = base(plain_ids)
+        t1 = clock()
+        mx.eval(out)
+        t2 = clock()
+        del out
+        note("plain forward", (t1 - t0, t2 - t1, clock() - t2))
+
+    def everything():
+        t0 = clock()
+        trace = model.trace(ids, keep="all")
+        trace.__enter__()
+        t1 = clock()
+        trace.__exit__(None, None, None)  # keeps every output and evaluates them
+        t2 = clock()
+        del trace
+        note("capture everything", (t1 - t0, t2 - t1, clock() - t2))
+
+    for round_ in range(repeats + 5):
+        for fn in (plain, everything):
+            mx.synchronize()
+            fn()
+        if round_ == 4:
+            times.clear()
+    print(f"Stages, median of {repeats} (us):")
+    print(f"{'run':<24}{'build':>9}{'evaluate':>10}{'drop':>8}")
+    for name, rows in times.items():
+        build, evaluate, drop = (statistics.median(column) * 1e6 for column in zip(*rows))
+        print(f"{name:<24}{build:>9.0f}{evaluate:>10.0f}{drop:>8.0f}")
 
 
 def main():
@@ -144,6 +188,8 @@ def main():
     for name, (seconds, peak) in results.items():
         print(f"{name:<40}{seconds * 1e3:>9.3f}{seconds / baseline:>9.3f}{(seconds - baseline) * 1e6:>9.0f}"
               f"{peak:>10.1f}")
+
+    print_stages(model, base, ids, plain_ids, opts.repeats)
 
     start = time.perf_counter()
     for _ in range(100):

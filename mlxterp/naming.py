@@ -95,8 +95,7 @@ class ModuleNames:
         self.layer_names = self.table.layer_names
         from . import hooks  # the hook points this architecture has exactly (mlxterp.hooks.BLOCKS)
 
-        self.table.hooks, self.table.n_heads, self.table.hooks_note = hooks.table_entries(
-            self.table, modules, _architecture(modules.get(ROOT)))
+        self.table.set_hooks(*hooks.table_entries(self.table, modules, _architecture(modules.get(ROOT))))
 
     def resolve(self, name: str) -> str:
         return self.table.resolve(name)

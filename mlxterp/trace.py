@@ -16,6 +16,7 @@ holds points back at it, so a dropped trace is freed without the garbage collect
 from __future__ import annotations
 
 import functools
+import inspect
 import logging
 import os
 from collections.abc import Mapping
@@ -60,12 +61,47 @@ def traced_class(cls: type) -> type:
                 return out
             return recorder.call(self, name, original, args, kwargs)
 
+        takes_one = _takes_one_argument(original)
+        if takes_one is not None:
+            def __call__(self, x):  # noqa: F811 -- the same, without packing the arguments (most calls)
+                recorder = _active_recorder
+                if recorder is None:
+                    return original(self, x)
+                name = recorder.names_by_id.get(id(self))
+                if name is None:
+                    return original(self, x)
+                if recorder.plain:
+                    recorder.inputs[name] = x
+                    out = original(self, x)
+                    outputs = recorder.outputs
+                    if name in outputs:
+                        recorder.calls[name] = recorder.calls.get(name, 1) + 1
+                    outputs[name] = out if type(out) is _array else _first_array(out)
+                    return out
+                return recorder.call(self, name, original, (x,), {})
+
+            code = __call__.__code__  # the argument keeps its name, so keyword calls still work
+            __call__.__code__ = code.replace(co_varnames=("self", takes_one) + code.co_varnames[2:])
         sub = type(cls.__name__, (cls,), {
             "__call__": __call__, "__module__": cls.__module__, "__qualname__": cls.__qualname__,
         })
         _traced_classes[cls] = sub
         _traced_classes[sub] = sub
     return sub
+
+
+_array = mx.array
+
+
+def _takes_one_argument(function):
+    """The name of the one argument ``function(self, x)`` takes, or None when it takes any other way
+    (defaults, ``*args``, keywords) or the name is one the one-argument wrapper uses itself."""
+    code = getattr(function, "__code__", None)
+    if code is None or code.co_argcount != 2 or code.co_kwonlyargcount or function.__defaults__ \
+            or code.co_flags & (inspect.CO_VARARGS | inspect.CO_VARKEYWORDS):
+        return None
+    argument = code.co_varnames[1]
+    return None if argument in ("self", "recorder", "name", "out", "outputs") else argument
 
 
 def _first_array(value):

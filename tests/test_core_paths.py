@@ -104,3 +104,30 @@ def test_completion_segments_follow_the_same_rules(table):
     assert not segment_matches("1..2", "3", N) and not segment_matches("mlp", "self_attn")
     assert set(next_segments("layers.3..2.", shorts, N)) == {"self_attn", "mlp", "input_layernorm"}
     assert set(next_segments("layers.[0,1].attn.", shorts, N)) == {"q_proj"}
+
+
+def test_remembered_answers_are_copies_and_errors_are_not_remembered():
+    table = NameTable(NAMES, "model.model.layers", N)
+    first = table.expand("layers.0..1.mlp")
+    first.append("model.lm_head")  # the caller's list: changing it changes no later answer
+    assert table.expand("layers.0..1.mlp") == ["model.model.layers.0.mlp", "model.model.layers.1.mlp"]
+    assert table.resolve("layers.2.attn") == "model.model.layers.2.self_attn" == table.resolve("layers.2.attn")
+    with pytest.raises(UnknownModuleError):
+        table.expand("layers.0.resid_pre")  # no hook points in this table yet
+    table.set_hooks(["resid_pre"], 8, "")
+    assert table.expand("layers.0.resid_pre") == ["model.model.layers.0.resid_pre"]
+    assert table.resolve("layers.-1.resid_pre") == "model.model.layers.3.resid_pre"
+
+
+def test_remembered_answers_stay_bounded(monkeypatch):
+    import mlxterp.core.paths as paths
+
+    monkeypatch.setattr(paths, "MEMO_LIMIT", 8)
+    table = NameTable(NAMES, "model.model.layers", N)
+    spellings = [f"{prefix}layers.{i}.{part}" for prefix in ("", "model.") for i in range(N)
+                 for part in ("mlp", "attn", "self_attn.q_proj")]
+    fresh = NameTable(NAMES, "model.model.layers", N)
+    for name in spellings * 2:
+        assert table.resolve(name) == fresh.resolve(name)
+        assert table.expand(name) == [fresh.resolve(name)]
+        assert len(table._resolved) <= 8 and len(table._expanded) <= 8

@@ -304,3 +304,50 @@ def test_input_of_a_module_called_by_keyword_is_recorded():
         given = model.layers[0].attn.input.save()
         normed = model.layers[0].ln_1.output.save()
     assert mx.array_equal(given, normed)
+
+
+class Scale(nn.Module):
+    """A one-argument module whose argument is called ``h``."""
+
+    def __init__(self, factor):
+        super().__init__()
+        self.factor = factor
+
+    def __call__(self, h):
+        return h * self.factor
+
+
+class Named(nn.Module):
+    """A one-argument module whose argument has a name the recording wrapper uses itself."""
+
+    def __call__(self, name):
+        return name + 1
+
+
+class ByKeyword(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layers = [Scale(2.0), Scale(3.0)]
+        self.extra = Named()
+
+    def __call__(self, x):
+        x = self.layers[0](h=x)  # by keyword: the recorded call must take the module's own argument name
+        x = self.layers[1](x)
+        return self.extra(name=x)
+
+
+def test_one_argument_modules_are_recorded_called_by_position_or_keyword():
+    base = ByKeyword()
+    model = InterpretableModel(base)
+    x = mx.array([[1.0, 2.0]])
+    with model.trace(x, keep="all") as trace:
+        first_in = model.layers[0].input.save()
+        extra_in = trace.save("model.extra", "input")
+    assert mx.array_equal(trace.activations["model.layers.0"], x * 2)
+    assert mx.array_equal(first_in, x) and mx.array_equal(extra_in, x * 6)
+    assert mx.array_equal(trace.activations["model.extra"], x * 6 + 1)
+    assert mx.array_equal(trace.activations["output"], base(x))
+    with model.trace(x, interventions={"layers.0": lambda a: a * 0}):  # the other way through the wrapper
+        out = model.output.save()
+    assert mx.array_equal(out, mx.ones_like(x))
+    assert type(base.layers[0]) is Scale and type(base.extra) is Named  # classes put back

@@ -72,6 +72,7 @@ HEAD_HOOKS = {
     "pattern": "attention probabilities (batch, heads, query, key)",
 }
 INPUT = "input"
+MEMO_LIMIT = 4096  # remembered resolve()/expand() answers per name table
 HOOK_HELP = ("layers.N.resid_pre, resid_mid, resid_post, attn_out, mlp_out; layers.N.attn.q, k, v, z, pattern "
              "(optionally .head[H]); PATH.input")
 _HEAD = re.compile(r"^head\[(.*)\]$")
@@ -174,6 +175,23 @@ class NameTable:
                 self._by_suffix.setdefault(".".join(parts[-k:]), []).append(full)
         self.layer_names = [f"{self.layers_prefix}.{i}" for i in range(self.n_layers)] if self.layers_prefix else []
         self._short = {full: self._shortest_unique(full) for full in self.names}
+        # Answers of resolve() and expand() by the text asked: a patching sweep or a trace with
+        # interventions asks the same names dozens of times, each answer costing 10-30 us of parsing.
+        self._resolved: dict[str, str] = {}
+        self._expanded: dict[str, tuple[str, ...]] = {}
+        self._found: dict[str, str | None] = {}  # find(role), for the roles ALIASES names
+
+    def set_hooks(self, hooks: list[str], n_heads: int, note: str) -> None:
+        """The hook points every layer has, the heads per layer and why some are missing (they
+        change what names resolve to, so remembered answers are dropped)."""
+        self.hooks, self.n_heads, self.hooks_note = hooks, n_heads, note
+        self._resolved.clear()
+        self._expanded.clear()
+
+    def _remember(self, memo: dict, key: str, value) -> None:
+        if len(memo) >= MEMO_LIMIT:  # names typed in a long daemon session: bounded, dropped wholesale
+            memo.clear()
+        memo[key] = value
 
     # -- plain data ------------------------------------------------------
     def to_data(self) -> dict:
@@ -345,6 +363,11 @@ class NameTable:
 
     def find(self, role: str) -> str | None:
         """Full name of the top-level module playing `role` (embed, norm, lm_head), or None."""
+        if role not in self._found:
+            self._found[role] = self._find(role)
+        return self._found[role]
+
+    def _find(self, role: str) -> str | None:
         outside = [f for f in self.names if self.layer_index(f) is None]
         for alias in ALIASES[role]:
             for full in outside:
@@ -358,6 +381,13 @@ class NameTable:
     # -- resolving -------------------------------------------------------
     def resolve(self, name: str) -> str:
         """Full name for any single-module name; raises with the closest valid names."""
+        found = self._resolved.get(name) if type(name) is str else None
+        if found is None:
+            found = self._resolve(name)
+            self._remember(self._resolved, name, found)
+        return found
+
+    def _resolve(self, name: str) -> str:
         if not isinstance(name, str) or not name.strip():
             raise UnknownModuleError(str(name), self.suggest("layers.0"), "a module name is a non-empty string")
         name = name.strip()
@@ -452,6 +482,13 @@ class NameTable:
     # -- patterns ----------------------------------------------------------
     def expand(self, pattern: str) -> list[str]:
         """Full names a pattern stands for, in layer order as written; a plain name gives one."""
+        found = self._expanded.get(pattern) if type(pattern) is str else None
+        if found is None:
+            found = tuple(self._expand(pattern))
+            self._remember(self._expanded, pattern, found)
+        return list(found)
+
+    def _expand(self, pattern: str) -> list[str]:
         if not isinstance(pattern, str) or not pattern.strip():
             raise UnknownModuleError(str(pattern), self.suggest("layers.0"), "a module name is a non-empty string")
         pattern = pattern.strip()
