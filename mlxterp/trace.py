@@ -44,50 +44,60 @@ def traced_class(cls: type) -> type:
     sub = _traced_classes.get(cls)
     if sub is None:
         original = cls.__call__
-
-        def __call__(self, *args, **kwargs):
-            recorder = _active_recorder
-            if recorder is None:
-                return original(self, *args, **kwargs)
-            name = recorder.names_by_id.get(id(self))
-            if name is None:
-                return original(self, *args, **kwargs)
-            if recorder.plain and args:
-                recorder.inputs[name] = args[0]
-                out = original(self, *args, **kwargs)
-                if name in recorder.outputs:  # a second call in one pass (RoPE on queries, then keys)
-                    recorder.calls[name] = recorder.calls.get(name, 1) + 1
-                recorder.outputs[name] = out if type(out) is mx.array else _first_array(out)
-                return out
-            return recorder.call(self, name, original, args, kwargs)
-
-        takes_one = _takes_one_argument(original)
-        if takes_one is not None:
-            def __call__(self, x):  # noqa: F811 -- the same, without packing the arguments (most calls)
-                recorder = _active_recorder
-                if recorder is None:
-                    return original(self, x)
-                name = recorder.names_by_id.get(id(self))
-                if name is None:
-                    return original(self, x)
-                if recorder.plain:
-                    recorder.inputs[name] = x
-                    out = original(self, x)
-                    outputs = recorder.outputs
-                    if name in outputs:
-                        recorder.calls[name] = recorder.calls.get(name, 1) + 1
-                    outputs[name] = out if type(out) is _array else _first_array(out)
-                    return out
-                return recorder.call(self, name, original, (x,), {})
-
-            code = __call__.__code__  # the argument keeps its name, so keyword calls still work
-            __call__.__code__ = code.replace(co_varnames=("self", takes_one) + code.co_varnames[2:])
+        argument = _takes_one_argument(original)
+        __call__ = _any_arguments_call(original) if argument is None else _one_argument_call(original, argument)
         sub = type(cls.__name__, (cls,), {
             "__call__": __call__, "__module__": cls.__module__, "__qualname__": cls.__qualname__,
         })
         _traced_classes[cls] = sub
         _traced_classes[sub] = sub
     return sub
+
+
+def _any_arguments_call(original):
+    def __call__(self, *args, **kwargs):
+        recorder = _active_recorder
+        if recorder is None:
+            return original(self, *args, **kwargs)
+        name = recorder.names_by_id.get(id(self))
+        if name is None:
+            return original(self, *args, **kwargs)
+        if recorder.plain and args:
+            recorder.inputs[name] = args[0]
+            out = original(self, *args, **kwargs)
+            if name in recorder.outputs:  # a second call in one pass (RoPE on queries, then keys)
+                recorder.calls[name] = recorder.calls.get(name, 1) + 1
+            recorder.outputs[name] = out if type(out) is mx.array else _first_array(out)
+            return out
+        return recorder.call(self, name, original, args, kwargs)
+
+    return __call__
+
+
+def _one_argument_call(original, argument: str):
+    """The same for ``original(self, argument)``, without packing the arguments (most module calls):
+    its recording lines repeat ``_any_arguments_call``'s, inline on purpose (a helper call would cost
+    what this saves)."""
+    def __call__(self, x):
+        recorder = _active_recorder
+        if recorder is None:
+            return original(self, x)
+        name = recorder.names_by_id.get(id(self))
+        if name is None:
+            return original(self, x)
+        if recorder.plain:
+            recorder.inputs[name] = x
+            out = original(self, x)
+            outputs = recorder.outputs
+            if name in outputs:
+                recorder.calls[name] = recorder.calls.get(name, 1) + 1
+            outputs[name] = out if type(out) is _array else _first_array(out)
+            return out
+        return recorder.call(self, name, original, (x,), {})
+
+    code = __call__.__code__  # the argument keeps the original's name, so keyword calls still work
+    __call__.__code__ = code.replace(co_varnames=("self", argument) + code.co_varnames[2:])
+    return __call__
 
 
 _array = mx.array
