@@ -191,15 +191,19 @@ class Repl:
         self.refresh_status()
         self.console.print(Text(f"mlxterp: {self.model_line()}. :help for help, Ctrl-D to leave.",
                                 style="dim"))
-        while True:
-            try:
-                text = self.prompt.prompt()
-            except KeyboardInterrupt:
-                continue  # Ctrl-C at the prompt clears the line
-            except EOFError:
-                break
-            if not self.handle(text):
-                break
+        # Echo stays off for the whole session, not only while a query runs: prompt-toolkit puts
+        # back the terminal it found when a line is accepted, and text typed between that and the
+        # query would be echoed into its output.
+        with no_echo(self.console):
+            while True:
+                try:
+                    text = self.prompt.prompt()
+                except KeyboardInterrupt:
+                    continue  # Ctrl-C at the prompt clears the line
+                except EOFError:
+                    break
+                if not self.handle(text):
+                    break
         return 0
 
     def handle(self, text: str) -> bool:
@@ -217,7 +221,7 @@ class Repl:
         progress = ProgressLine(self.console)
         self.running_id = None
         try:
-            with self.lock, no_echo(self.console):
+            with self.lock:
                 reply = self.client.request("exec", code=text, workdir=os.getcwd(),  # files go where you are
                                             on_frame=lambda m: self.on_frame(m, progress))
         except KeyboardInterrupt:
@@ -434,8 +438,9 @@ class ProgressLine:
 
 
 class no_echo:
-    """While a query runs, the terminal does not echo what is typed ahead: it would land on the
-    progress line and stay in the scrollback. The typed text is kept; the next prompt shows it."""
+    """The terminal does not echo what is typed ahead of the prompt (prompt-toolkit draws what is
+    typed at the prompt itself): it would land on a query's progress line or output and stay in
+    the scrollback. The typed text is kept; the next prompt shows it."""
 
     def __init__(self, console: Console):
         self.fd = None

@@ -157,14 +157,18 @@ def test_progress_lines_leave_no_trace_and_the_toolbar_shows_both_memories(repl)
     type_text("lens @ -1 top 3")
     keys("Enter")
     wait_for("mlxterp>", after="logit lens at position")
-    type_text("with layers.6 scale 1.0:")
-    keys("Enter")  # the REPL continues a `with` on the next line
+    type_text("with layers.6 scale 1.0: \\")
+    keys("Enter")  # after a trailing `\` the REPL continues the statement on the next line
     type_text("  lens @ -1 top 3")
-    keys("Enter", "Enter")
-    wait_for("mlxterp>", after="layers.6 scale 1.0")
+    keys("Enter")
+    wait_for("...    lens @ -1 top 3")  # the continued line, before its answer
     type_text(f'save layers.* in "{LONG_TEXT[:300]}"')
     keys("Enter")
-    wait_for("mlxterp>", after='save layers.* in "')
+    # each step waits for its own answer: a prompt matched too early would type the next one
+    # into a running query
+    wait_for("mlxterp>", after="positions of 'Paris")
+    shown = screen()  # the statement typed ahead shows once, at its prompt: never echoed into an answer
+    assert shown.count("logit lens at position") == 2 and shown.count('save layers.* in "Paris') == 1, shown
     pasted = repl.runtime_dir.parent / "many.mlxq"
     pasted.write_text("\n".join(f'save layers.* in "{i}: {LONG_TEXT}"' for i in range(20)))
     tmux("load-buffer", "-b", "many", str(pasted))
