@@ -232,6 +232,17 @@ def test_with_runs_only_queries():
     assert "lens" in error.suggestions and "load" not in error.suggestions
 
 
+def test_with_ending_its_line_says_the_statement_goes_on_the_same_line():
+    # Python's habit: `with ...:` then the body on the next line
+    for text in ("with layers.6 scale 1.0:", "with layers.6 scale 1.0:\n  lens @ -1"):
+        error = parse(text).errors[0]
+        assert (error.span.line, error.span.col) == (1, 25)  # just after the colon
+        assert "after its ':' on the same line" in error.message and "'\\'" in error.message, error.message
+        assert "lens" in error.suggestions and "load" not in error.suggestions
+    body = only("with layers.6 scale 1.0: \\\n  lens @ -1")  # the continued line is the body
+    assert isinstance(body, ast.With) and isinstance(body.body, ast.Lens)
+
+
 def test_misspelt_intervention_suggests_the_closest():
     error = error_of("steer layers.4 scal 2")
     assert error.suggestions[0] == "scale"

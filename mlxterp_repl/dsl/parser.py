@@ -142,6 +142,10 @@ class Parser:
                 message = f"'{token.value}' cannot follow 'with'; these can: " + ", ".join(names)
                 self.fail(message, names)
             found = describe(token) if token.kind != "NAME" else f"'{token.value}'"
+            if allowed is not None and self.at_line_end():  # `with ...:` then Enter, as in Python
+                self.fail(f"'with' runs the statement after its ':' on the same line, and {found} came there "
+                          "(a '\\' at the end of the line continues it on the next); these can follow: "
+                          + ", ".join(names), names)
             suggestions = closest(token.text, names) if token.kind == "NAME" else []
             self.fail(f"{found} is not a statement; statements are: " + ", ".join(names), suggestions or names)
         self.advance()
