@@ -39,30 +39,32 @@ from trace_python_cost import best  # noqa: E402
 
 
 def bare_keeper(modules, kept):
-    """A function that swaps each module's class for one whose call appends its output to ``kept``."""
-    subclasses = {}
-    for module in modules:
-        cls = type(module)
-        if cls not in subclasses:
-            original = cls.__call__
+    """A function running a call with the classes of ``modules`` given a ``__call__`` that appends the
+    output of each of those modules to ``kept`` (their own ``__call__`` put back after)."""
+    wanted = {object.__hash__(m) for m in modules}
+    calls = {}
+    for cls in {type(m) for m in modules}:
+        original = cls.__call__
 
-            def __call__(self, *args, _original=original, **kwargs):
-                out = _original(self, *args, **kwargs)
+        def __call__(self, *args, _original=original, **kwargs):
+            out = _original(self, *args, **kwargs)
+            if object.__hash__(self) in wanted:
                 kept.append(out)
-                return out
+            return out
 
-            subclasses[cls] = type(cls.__name__, (cls,), {"__call__": __call__})
-    pairs = [(m, type(m), subclasses[type(m)]) for m in modules]
-    set_class = object.__setattr__
+        calls[cls] = (cls.__dict__.get("__call__"), __call__)
 
     def wrapped(call):
-        for module, _, sub in pairs:
-            set_class(module, "__class__", sub)
+        for cls, (_, recording) in calls.items():
+            setattr(cls, "__call__", recording)
         try:
             return call()
         finally:
-            for module, cls, _ in pairs:
-                set_class(module, "__class__", cls)
+            for cls, (own, _) in calls.items():
+                if own is None:
+                    delattr(cls, "__call__")
+                else:
+                    setattr(cls, "__call__", own)
 
     return wrapped
 
@@ -163,7 +165,7 @@ def main():
 
     runs = {"plain forward": lambda: mx.eval(base(plain_ids)), "plain forward after ids.tolist()": plain_reading_ids,
             "default, keep='saved'": trace_default_saved_only}
-    for mode, (record, ordered, names_by_id, _) in plans.items():
+    for mode, (record, ordered, names_by_key, _, classes) in plans.items():
         kept = []
         keeper = bare_keeper([m for _, m in ordered], kept)
 
@@ -172,8 +174,9 @@ def main():
             mx.eval(out, kept)
             kept.clear()
 
-        def hot_path(ordered=ordered, names_by_id=names_by_id):
-            out, recorder = run_forward(model, lambda: base(plain_ids), ordered, {}, names_by_id=names_by_id)
+        def hot_path(ordered=ordered, names_by_key=names_by_key, classes=classes):
+            out, recorder = run_forward(model, lambda: base(plain_ids), ordered, {}, names_by_key=names_by_key,
+                                        classes=classes)
             mx.eval(out, list(recorder.outputs.values()))
 
         runs[f"{mode}: bare keep ({len(ordered)} modules)"] = bare

@@ -1,10 +1,11 @@
 """Tracing: run the model once, recording (and optionally changing) module outputs.
 
 The model's forward pass is not rewritten. For the length of one forward pass
-each recorded module's class is swapped for a subclass whose ``__call__``
-hands the call to the active ``Recorder``; afterwards the original classes are
-put back, so the model outside a forward pass is exactly the model the user
-gave us (same tree, same parameters, same types).
+the class of each recorded module gets a ``__call__`` that hands the calls of
+the recorded instances to the active ``Recorder`` (and calls any other instance
+as before); afterwards the classes' own ``__call__`` is put back, so the model
+outside a forward pass is exactly the model the user gave us (same tree, same
+parameters, same types, same classes).
 
 MLX is lazy: recording keeps references to the lazy outputs. When the block
 ends the trace keeps (and evaluates) what ``keep=`` says: what was saved, every
@@ -31,35 +32,39 @@ from .naming import OUTPUT
 
 _active_recorder = None
 
+# The key of a live object, as unique as id() but without its `builtins.id` audit event: where a library
+# has installed an audit hook (filelock does on Python 3.12+, and mlx-lm imports it), every id() and
+# every __class__ assignment calls that hook, and a trace recording every module made hundreds of each.
+module_key = object.__hash__
 
-_traced_classes: dict[type, type] = {}
+
+_recording_calls: dict[type, tuple] = {}  # class -> (its __call__ when the recording one was made, the recording one)
 
 
-def traced_class(cls: type) -> type:
-    """The subclass of ``cls`` whose calls go through the active recorder (cached).
+def recording_call(cls: type):
+    """The ``__call__`` that records the calls of ``cls``'s recorded instances (cached while ``cls.__call__``
+    stays the same). Asked for before any class is changed: the original it wraps is ``cls.__call__``.
 
-    Its ``__call__`` runs once per recorded module per forward pass, so the common
-    path (record the input and output, nothing else to do) is kept inline.
+    It runs once per recorded module per forward pass, so the common path (record the input and output,
+    nothing else to do) is kept inline.
     """
-    sub = _traced_classes.get(cls)
-    if sub is None:
-        original = cls.__call__
+    original = cls.__call__
+    made = _recording_calls.get(cls)
+    if made is None or made[0] is not original:
         argument = _takes_one_argument(original)
-        __call__ = _any_arguments_call(original) if argument is None else _one_argument_call(original, argument)
-        sub = type(cls.__name__, (cls,), {
-            "__call__": __call__, "__module__": cls.__module__, "__qualname__": cls.__qualname__,
-        })
-        _traced_classes[cls] = sub
-        _traced_classes[sub] = sub
-    return sub
+        call = _any_arguments_call(original, cls) if argument is None else _one_argument_call(original, cls, argument)
+        made = (original, call)
+        _recording_calls[cls] = made
+    return made[1]
 
 
-def _any_arguments_call(original):
+def _any_arguments_call(original, owner):
     def __call__(self, *args, **kwargs):
         recorder = _active_recorder
-        if recorder is None:
+        # Instances of a subclass reach here through super().__call__ or inheritance: theirs is not this call.
+        if recorder is None or type(self) is not owner:
             return original(self, *args, **kwargs)
-        name = recorder.names_by_id.get(id(self))
+        name = recorder.names_by_key.get(module_key(self))
         if name is None:
             return original(self, *args, **kwargs)
         if recorder.plain and args:
@@ -74,15 +79,15 @@ def _any_arguments_call(original):
     return __call__
 
 
-def _one_argument_call(original, argument: str):
+def _one_argument_call(original, owner, argument: str):
     """The same for ``original(self, argument)``, without packing the arguments (most module calls):
     its recording lines repeat ``_any_arguments_call``'s, inline on purpose (a helper call would cost
     what this saves)."""
     def __call__(self, x):
         recorder = _active_recorder
-        if recorder is None:
+        if recorder is None or type(self) is not owner:
             return original(self, x)
-        name = recorder.names_by_id.get(id(self))
+        name = recorder.names_by_key.get(module_key(self))
         if name is None:
             return original(self, x)
         if recorder.plain:
@@ -111,7 +116,7 @@ def _takes_one_argument(function):
             or code.co_flags & (inspect.CO_VARARGS | inspect.CO_VARKEYWORDS):
         return None
     argument = code.co_varnames[1]
-    return None if argument in ("self", "recorder", "name", "out", "outputs") else argument
+    return None if argument in ("self", "recorder", "name", "out", "outputs", "original", "owner") else argument
 
 
 def _first_array(value):
@@ -131,9 +136,9 @@ def _replace_first(value, new):
 class Recorder:
     """Records outputs (and inputs) of named modules during one forward pass."""
 
-    def __init__(self, names_by_id, interventions, should_stop=None, eval_at=(), stop_at=None,
+    def __init__(self, names_by_key, interventions, should_stop=None, eval_at=(), stop_at=None,
                  input_interventions=None, eval_ahead=False):
-        self.names_by_id = names_by_id
+        self.names_by_key = names_by_key
         self.interventions = interventions
         self.input_interventions = input_interventions or {}  # changes of a module's first array argument
         self.should_stop = should_stop
@@ -200,37 +205,45 @@ def _apply(change, activation, name):
 
 
 def run_forward(model, call, modules_to_record, interventions, should_stop=None, eval_at=(), stop_at=None,
-                input_interventions=None, names_by_id=None, eval_ahead=False):
-    """Call ``call()`` with the given modules recorded; returns (output, recorder).
+                input_interventions=None, names_by_key=None, eval_ahead=False, classes=None):
+    """Call ``call()`` with the given modules recorded; returns (output, recorder). ``names_by_key`` and
+    ``classes`` (their distinct classes) are worked out from ``modules_to_record`` when not given.
 
-    Each recorded module's class is swapped for its traced subclass for the length of
-    the call (instances only: changing the classes themselves would throw away the
-    interpreter's attribute caches for all their code), then put back.
+    The classes of the recorded modules get their recording ``__call__`` for the length of the
+    call, then their own back. (Swapping each instance's class instead cost two ``__class__``
+    assignments per module, each an audit event: with an audit hook installed, as on Python 3.12
+    with mlx-lm's dependencies, recording every module took twice the Python it takes now.)
     """
     global _active_recorder
     if _active_recorder is not None:
         raise TraceError("a forward pass is already being traced; traces cannot run inside one another's forward pass")
-    if names_by_id is None:
-        names_by_id = {id(module): name for name, module in modules_to_record}
-    recorder = Recorder(names_by_id, interventions, should_stop, eval_at, stop_at, input_interventions, eval_ahead)
-    originals = []
-    # object.__setattr__: nn.Module.__setattr__ costs ~2 us a call in Python, twice per module per pass.
-    set_class = object.__setattr__
+    if names_by_key is None:
+        names_by_key = {module_key(module): name for name, module in modules_to_record}
+    recorder = Recorder(names_by_key, interventions, should_stop, eval_at, stop_at, input_interventions, eval_ahead)
+    if classes is None:
+        classes = {type(module) for _, module in modules_to_record}
+    changed = []
+    _active_recorder = recorder  # taken before any class changes, so no other trace starts meanwhile
     try:
-        for _, module in modules_to_record:
-            cls = type(module)
-            sub = _traced_classes.get(cls)
-            if sub is not cls:
-                originals.append((module, cls))
-                set_class(module, "__class__", sub or traced_class(cls))
-        _active_recorder = recorder
+        # Every recording call is made before any class changes: each wraps its class's own __call__.
+        calls = [(cls, recording_call(cls)) for cls in classes]
+        for cls, recording in calls:
+            own = cls.__dict__.get("__call__", _INHERITED)
+            setattr(cls, "__call__", recording)
+            changed.append((cls, own))
         output = call()
     finally:
+        for cls, own in changed:
+            if own is _INHERITED:
+                delattr(cls, "__call__")
+            else:
+                setattr(cls, "__call__", own)
         _active_recorder = None
-        for module, cls in originals:
-            set_class(module, "__class__", cls)
     model.forward_count += 1
     return output, recorder
+
+
+_INHERITED = object()  # a class that had no __call__ of its own
 
 
 # -- what a trace keeps ----------------------------------------------------------
@@ -267,7 +280,7 @@ def held_bytes(values) -> int:
     seen = {}
     for value in values:
         if isinstance(value, mx.array):
-            seen[id(value)] = value.nbytes
+            seen[module_key(value)] = value.nbytes
     return sum(seen.values())
 
 
@@ -494,8 +507,11 @@ class Trace:
         return False
 
     def save(self, name: str, what: str = "output") -> mx.array:
-        """The activation of full name ``name`` (``what`` is output or input), kept after the block."""
-        return self._store.read(name, what)
+        """The activation of ``name`` (any name form, as for ``activations[...]``; ``what`` is output or
+        input), kept after the block."""
+        if what not in ("output", "input"):
+            raise TraceError(f"what= is 'output' or 'input', not {what!r}")
+        return self._store.read(self.model.resolve(name), what)
 
     # -- running ---------------------------------------------------------------
     def run(self):
@@ -520,7 +536,7 @@ class Trace:
         lean = (self.capture is None and self.keep != "all" and not interventions and not input_interventions
                 and self.should_stop is None and self.cache is None and not self.eval_every
                 and model.distributed_group is None)
-        record, ordered, names_by_id, layer_inputs = record_plan(model, self.capture, lean)
+        record, ordered, names_by_key, layer_inputs, classes = record_plan(model, self.capture, lean)
         extra = (set(interventions) | set(input_interventions)) - {OUTPUT} - record if interventions else set()
         should_stop, eval_at, stop_at, before_pass = self.should_stop, [], None, None
         eval_ahead = False
@@ -538,7 +554,7 @@ class Trace:
         if extra:
             record = record | extra
             ordered = [(n, m) for n, m in model.names.modules.items() if n in record]
-            names_by_id = None
+            names_by_key = classes = None
             layer_inputs = frozenset(record & set(model.names.layer_names))
 
         batches, self.tokens, self.padding = prepare_inputs(model, self.inputs)
@@ -553,7 +569,7 @@ class Trace:
                 raise Interrupted("stopped before the forward pass")
             changes = {**interventions, **extra} if extra else interventions
             output, recorder = run_forward(model, call, ordered, changes, should_stop, eval_at, stop_at,
-                                           input_interventions, names_by_id, eval_ahead)
+                                           input_interventions, names_by_key, eval_ahead, classes)
             if recorder.calls:
                 model.repeated_calls.update(recorder.calls)
             if OUTPUT in interventions:
@@ -591,8 +607,8 @@ class Trace:
 
 
 def record_plan(model, capture, lean):
-    """(names to record, [(name, module)] in model order, {id(module): name}, the recorded layers) for a
-    trace's ``capture=`` (cached per model).
+    """(names to record, [(name, module)] in model order, {module_key(module): name}, the recorded layers,
+    their classes) for a trace's ``capture=`` (cached per model).
 
     Expanding capture patterns and walking the module table costs more Python than the rest of a
     restricted trace, so the answer is remembered per (capture, lean) and dropped when the
@@ -605,7 +621,7 @@ def record_plan(model, capture, lean):
     else:
         key = None
     names = model.names
-    stamp = (id(names), id(names.modules), len(names.modules))
+    stamp = (module_key(names), module_key(names.modules), len(names.modules))
     plans = model.__dict__.get("_record_plans")
     if plans is None or plans[0] != stamp:
         plans = (stamp, {})
@@ -622,7 +638,8 @@ def record_plan(model, capture, lean):
         record = {full for p in patterns for full in model.expand(p)} - {OUTPUT}
         record |= hooks.recorded_for(model, record)
     ordered = tuple((n, m) for n, m in names.modules.items() if n in record)
-    plan = frozenset(record), ordered, {id(m): n for n, m in ordered}, frozenset(record & set(names.layer_names))
+    plan = (frozenset(record), ordered, {module_key(m): n for n, m in ordered}, frozenset(record & set(names.layer_names)),
+            tuple({type(m) for _, m in ordered}))
     if key is not None:
         plans[1][key] = plan
     return plan

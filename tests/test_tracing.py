@@ -1,5 +1,9 @@
 """The tracing core: inputs, names, saving, capture control, errors, gradients."""
 
+import subprocess
+import sys
+from pathlib import Path
+
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
@@ -87,7 +91,14 @@ def test_short_full_alias_and_negative_names_give_the_same_array(llama_base):
         by_short = trace.activations["layers.3.attn"]
         by_full = trace.activations["model.model.layers.3.self_attn"]
         by_negative = trace.activations["layers.-1.self_attn"]
-    assert by_proxy is by_short is by_full is by_negative
+        by_save = trace.save("layers.3.attn")  # trace.save takes the same name forms
+        input_by_save = trace.save("layers.-1", "input")
+        with pytest.raises(TraceError, match="'output' or 'input'"):
+            trace.save("layers.3", "inputs")
+    assert by_proxy is by_short is by_full is by_negative is by_save
+    assert input_by_save is trace.inputs_by_module["model.model.layers.3"]
+    with model.trace([1, 2, 3], capture=["layers.1"]) as trace:
+        assert trace.save("layers.1") is trace.activations["model.model.layers.1"]
 
 
 def test_saved_values_are_evaluated_arrays_and_unsaved_are_released(llama_base):
@@ -351,3 +362,94 @@ def test_one_argument_modules_are_recorded_called_by_position_or_keyword():
         out = model.output.save()
     assert mx.array_equal(out, mx.ones_like(x))
     assert type(base.layers[0]) is Scale and type(base.extra) is Named  # classes put back
+
+
+class Doubled(nn.Linear):
+    """Calls its parent's __call__ through super(): one recorded call, not two."""
+
+    def __call__(self, x):
+        return super().__call__(x) * 2
+
+
+class Inherits(nn.Linear):
+    """No __call__ of its own."""
+
+
+class Mixed(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(4, 4)
+        self.b = Doubled(4, 4)
+        self.c = Inherits(4, 4)
+
+    def __call__(self, x):
+        return self.c(self.b(self.a(x)))
+
+
+def own_calls(classes):
+    return {cls: cls.__dict__.get("__call__", "inherited") for cls in classes}
+
+
+def test_recorded_classes_keep_their_own_call_and_subclasses_record_once():
+    base = Mixed()
+    mx.eval(base.parameters())
+    model = InterpretableModel(base)
+    x = mx.ones((1, 4))
+    classes = (nn.Linear, Doubled, Inherits, Mixed)
+    before = own_calls(classes)
+    outside = nn.Linear(4, 4)  # the same class, not in the model: called as usual during a trace
+    seen = []
+
+    def look(a):
+        seen.append(outside(a))
+        return a
+
+    with model.trace(x, keep="all", interventions={"a": look}) as trace:
+        b_input = trace.save("b", "input")
+    a = base.a(x)
+    b = (a @ base.b.weight.T + base.b.bias) * 2
+    assert mx.allclose(trace.activations["a"], a) and mx.allclose(trace.activations["b"], b)
+    assert mx.allclose(trace.activations["c"], base.c(b)) and mx.allclose(trace.activations["output"], base(x))
+    assert mx.allclose(b_input, a)
+    assert not model.repeated_calls  # Doubled's super().__call__ went to Linear's own, unrecorded
+    assert len(seen) == 1 and mx.allclose(seen[0], outside(a))
+    assert "a" in trace.activations and len(trace.activations) == 4  # a, b, c and the output: not `outside`
+    assert own_calls(classes) == before and "__call__" not in Inherits.__dict__
+
+    def broken(_):
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError):
+        with model.trace(x, interventions={"b": broken}):
+            pass
+    with pytest.raises(Interrupted):
+        with model.trace(x, should_stop=lambda: True):
+            pass
+    assert own_calls(classes) == before and "__call__" not in Inherits.__dict__
+
+
+AUDITED_TRACE = """
+import sys
+from collections import Counter
+sys.path.insert(0, "tests")
+from conftest import tiny_llama
+from mlxterp import InterpretableModel
+model = InterpretableModel(tiny_llama())
+with model.trace([1, 2, 3], keep="all"):
+    pass
+events = Counter()
+sys.addaudithook(lambda event, args: events.update([event]))
+with model.trace([1, 2, 3], keep="all") as trace:
+    pass
+print(len(trace.activations), sum(events.values()), dict(events))
+"""
+
+
+def test_a_trace_raises_no_audit_event_per_module():
+    # An audit hook (filelock, imported with mlx-lm, installs one on Python 3.12+) runs Python on every
+    # audited event: id() and __class__ assignment are audited, so a trace makes neither per module.
+    done = subprocess.run([sys.executable, "-c", AUDITED_TRACE], capture_output=True, text=True, timeout=120,
+                          cwd=Path(__file__).resolve().parent.parent)
+    assert done.returncode == 0, done.stderr
+    recorded, n_events, events = done.stdout.split(" ", 2)
+    assert int(recorded) > 50 and int(n_events) <= 10, done.stdout
