@@ -647,7 +647,9 @@ class _PassSizes:
 def _weights(model) -> Tuple[int, int]:
     """(bytes of the model's parameters, bytes per value of its first floating one), remembered per model
     while its module table stays: walking the parameter tree costs ~1 ms, a tenth of a small sweep."""
-    stamp = (id(model.names), id(model.names.modules), len(model.names.modules))
+    from .trace import names_stamp
+
+    stamp = names_stamp(model)
     known = model.__dict__.get("_weights")
     if known is None or known[0] != stamp:
         params = model.parameters()

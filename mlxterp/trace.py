@@ -621,7 +621,7 @@ def record_plan(model, capture, lean):
     else:
         key = None
     names = model.names
-    stamp = (module_key(names), module_key(names.modules), len(names.modules))
+    stamp = names_stamp(model)
     plans = model.__dict__.get("_record_plans")
     if plans is None or plans[0] != stamp:
         plans = (stamp, {})
@@ -643,6 +643,13 @@ def record_plan(model, capture, lean):
     if key is not None:
         plans[1][key] = plan
     return plan
+
+
+def names_stamp(model) -> tuple:
+    """What answers remembered per model (record plans, weight bytes) are valid for: its name table,
+    replaced when the model changes and grown when a pipeline-sharded model completes its names."""
+    names = model.names
+    return module_key(names), module_key(names.modules), len(names.modules)
 
 
 def _record_everything(model, inputs):
